@@ -1,0 +1,32 @@
+"""Errors that name the file and the line (or field) at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MixSPError(Exception):
+    """Base class for errors a user can act on."""
+
+
+class DataError(MixSPError, ValueError):
+    """Bad input data: the message reads ``path:line: what`` (line omitted when unknown)."""
+
+    def __init__(self, path: str | Path, message: str, line: int | None = None):
+        self.path = str(path)
+        self.line = line
+        self.reason = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(MixSPError, ValueError):
+    """A bad configuration value: the message names the field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"config field '{field}': {message}")
+
+
+class CheckpointError(MixSPError, ValueError):
+    """A checkpoint directory that is missing, incomplete or corrupt."""
