@@ -1,0 +1,15 @@
+"""Training losses, one module each; every class's docstring says what it expects."""
+
+from mixsp_core.losses.cosent import CoSENTLoss
+from mixsp_core.losses.distill import DistillLoss, fit_pca_projection
+from mixsp_core.losses.infonce import InfoNCELoss
+from mixsp_core.losses.listwise import ListwiseRankLoss
+from mixsp_core.losses.pearson import PearsonLoss
+from mixsp_core.losses.rank_kl import RankKLLoss
+from mixsp_core.losses.routing import PUBLISHED_CLASS_COUNTS, RoutingLoss
+from mixsp_core.losses.score_bce import ScoreBCELoss
+
+__all__ = [
+    "CoSENTLoss", "DistillLoss", "InfoNCELoss", "ListwiseRankLoss", "PearsonLoss", "RankKLLoss",
+    "RoutingLoss", "ScoreBCELoss", "PUBLISHED_CLASS_COUNTS", "fit_pca_projection",
+]

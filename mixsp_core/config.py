@@ -1,0 +1,396 @@
+"""Training configuration: typed dataclasses read from a YAML file (or one section of params.yaml).
+
+Every field is checked when the config is built: an unknown key, a value of the wrong type or out of
+range raises :class:`mixsp_core.errors.ConfigError` naming the dotted field (``train.lr``) and, when the
+config came from a file, the file.
+
+Layout of a config file (every section and field optional; defaults below)::
+
+    name: bi-mixsp-hard
+    seed: 42
+    output_dir: data/models/bi-mixsp-hard
+    model: {kind: bi, encoder: sentence-transformers/all-MiniLM-L6-v2, num_projectors: 2, routing: hard, ...}
+    data: {train_tasks: [STSBenchmark, SICKRelatedness], dev_sets: [STSBenchmark-dev, SICK-trial], ...}
+    loss: {cosent: 1.0, routing: 0.1, distill: 0.0, ...}
+    train: {epochs: 1, batch_size: 16, lr: 5.0e-5, ...}
+    tracking: {experiment: mixsp, ...}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixsp_core.errors import ConfigError
+
+MODEL_KINDS = ("bi", "cross", "encoder")
+ROUTING_MODES = ("hard", "soft")
+ACTIVATIONS = ("tanh", "none")
+OUTPUT_INITS = ("random", "pca", "teacher")
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class ModelConfig:
+    """What to build. ``kind``: ``bi`` (sentence embedder), ``cross`` (published MixSP pair scorer) or
+    ``encoder`` (the base encoder as released: evaluated, never trained)."""
+
+    kind: str = "bi"
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    max_length: int = 64
+    pooling: str = "mean"  # pooled state fed to the projectors (bi); the router also sees [CLS]
+    num_projectors: int = 2  # 0: no projector; 1: one projector, no router; >= 2: routed
+    routing: str = "hard"  # hard: top-1, p kept un-renormalised (published); soft: probability mixture
+    projector_mult: int = 10  # projector widths d -> mult*d -> d (published 10)
+    projector_residual: bool = False  # z = p * (h + MLP(h)) instead of p * MLP(h)
+    output_dim: int = 128  # bi only: 0 keeps the encoder width (no output projection)
+    output_activation: str = "tanh"  # HPD's Dense(h -> k, tanh)
+    output_bias: bool = True
+    output_init: str = "random"  # random | pca (student features) | teacher (least squares to PCA_k(teacher))
+    normalize: bool = True  # L2-normalise what .encode returns
+
+    def validate(self, prefix: str = "model") -> None:
+        _choice(f"{prefix}.kind", self.kind, MODEL_KINDS)
+        _choice(f"{prefix}.routing", self.routing, ROUTING_MODES)
+        _choice(f"{prefix}.output_activation", self.output_activation, ACTIVATIONS)
+        _choice(f"{prefix}.output_init", self.output_init, OUTPUT_INITS)
+        _choice(f"{prefix}.pooling", self.pooling, POOLINGS)
+        if not self.encoder.strip():
+            raise ConfigError(f"{prefix}.encoder", "must name a Hub id or a model directory")
+        _at_least(f"{prefix}.max_length", self.max_length, 8)
+        _at_least(f"{prefix}.num_projectors", self.num_projectors, 0)
+        _at_least(f"{prefix}.projector_mult", self.projector_mult, 1)
+        _at_least(f"{prefix}.output_dim", self.output_dim, 0)
+        if self.kind == "cross" and self.num_projectors == 0:
+            raise ConfigError(f"{prefix}.num_projectors", "the cross model needs at least one projector")
+        if self.output_init != "random" and self.output_dim == 0:
+            raise ConfigError(f"{prefix}.output_init", "needs an output projection (output_dim > 0)")
+
+
+@dataclass
+class DataConfig:
+    """Which rows of the pairs table train and select the model, and where the CLI finds the inputs."""
+
+    spec: str = "auto"  # pairs source for the CLI (see mixsp_core.data.sources.load_pairs)
+    train_tasks: list[str] = field(default_factory=lambda: ["STSBenchmark"])
+    dev_sets: list[str] = field(default_factory=lambda: ["STSBenchmark-dev", "SICK-trial"])
+    upper_threshold: float = 4.0  # gold >= this (0-5 scale) is the "upper" class
+    max_train_pairs: int = 0  # 0: all
+    teacher: str = "sentence-transformers/all-mpnet-base-v2"  # distillation teacher (cache key)
+    corpus: str = "auto"  # distillation sentences for the CLI: auto = the pipeline corpus
+    nli: bool = False  # add SNLI dev/test triplets (entailment positive, contradiction hard negative)
+    nli_dir: str = "auto"
+
+    def validate(self, prefix: str = "data") -> None:
+        if not self.train_tasks:
+            raise ConfigError(f"{prefix}.train_tasks", "must list at least one task")
+        if not self.dev_sets:
+            raise ConfigError(f"{prefix}.dev_sets", "must list at least one dev set")
+        if not 0.0 < self.upper_threshold < 5.0:
+            raise ConfigError(f"{prefix}.upper_threshold", f"must lie inside (0, 5), got {self.upper_threshold}")
+        _at_least(f"{prefix}.max_train_pairs", self.max_train_pairs, 0)
+
+
+@dataclass
+class LossConfig:
+    """Weights of the terms of the total loss (0 switches a term off) and their own settings."""
+
+    cosent: float = 1.0
+    cosent_scale: float = 20.0
+    pearson: float = 0.0
+    rank_kl: float = 0.0
+    rank_kl_temperature: float = 0.05
+    listwise: float = 0.0  # CoDiEmb's listwise (PRO) term, same temperature as rank_kl
+    score_bce: float = 0.0  # cross: BCE-with-logits of the score head against gold/5 (published a1)
+    routing: float = 0.0  # MixSP router loss (published a2)
+    routing_class_counts: list[int] = field(default_factory=list)  # [lower, upper]; empty: count train pairs
+    distill: float = 0.0  # HPD: MSE(student, PCA_k(teacher))
+    infonce: float = 0.0
+    infonce_temperature: float = 0.05
+
+    def validate(self, prefix: str = "loss") -> None:
+        for name in ("cosent", "pearson", "rank_kl", "listwise", "score_bce", "routing", "distill", "infonce"):
+            _at_least(f"{prefix}.{name}", getattr(self, name), 0.0)
+        for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.routing_class_counts and (
+            len(self.routing_class_counts) != 2 or min(self.routing_class_counts) < 1
+        ):
+            raise ConfigError(f"{prefix}.routing_class_counts", "must be [lower, upper], both >= 1, or empty")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation and checkpointing."""
+
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 16  # pairs per step
+    distill_batch_size: int = 32  # corpus sentences per step (when loss.distill > 0)
+    nli_batch_size: int = 16  # triplets per step (when loss.infonce > 0)
+    lr: float = 5e-5
+    head_lr: float = 0.0  # router/projectors/output layer; 0: same as lr
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.15
+    grad_clip: float = 1.0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # autocast on CUDA only
+    amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 adds a GradScaler)
+    eval_every: int = 100  # steps; the run also evaluates at its end
+    eval_batch_size: int = 128
+    patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
+    log_every: int = 10
+    save_last: bool = True  # keep a resumable checkpoint (last/) at every evaluation
+    resume: bool = True  # continue from output_dir/last when it exists
+    output_init_sentences: int = 2000  # sentences used to fit a pca/teacher output init
+    deterministic: bool = True
+
+    def validate(self, prefix: str = "train") -> None:
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"{prefix}.epochs", "must be > 0 unless max_steps is set")
+        _at_least(f"{prefix}.max_steps", self.max_steps, 0)
+        for name in ("batch_size", "distill_batch_size", "nli_batch_size", "eval_every", "eval_batch_size",
+                     "log_every", "output_init_sentences"):
+            _at_least(f"{prefix}.{name}", getattr(self, name), 1)
+        if self.batch_size < 2:
+            raise ConfigError(f"{prefix}.batch_size", "needs at least 2 pairs: the STS losses compare pairs")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _at_least(f"{prefix}.head_lr", self.head_lr, 0.0)
+        _at_least(f"{prefix}.weight_decay", self.weight_decay, 0.0)
+        _at_least(f"{prefix}.grad_clip", self.grad_clip, 0.0)
+        _at_least(f"{prefix}.patience", self.patience, 0)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{prefix}.warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
+        _choice(f"{prefix}.amp_dtype", self.amp_dtype, ("bf16", "fp16"))
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"{prefix}.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow settings; the tracking URI comes from MLFLOW_TRACKING_URI (default sqlite:///mlflow.db)."""
+
+    enabled: bool = True
+    experiment: str = "mixsp"
+    run_name: str = ""  # empty: the config's name
+    log_checkpoint: bool = True  # upload the best checkpoint directory as an artifact
+
+    def validate(self, prefix: str = "tracking") -> None:
+        if not self.experiment.strip():
+            raise ConfigError(f"{prefix}.experiment", "must not be empty")
+
+
+@dataclass
+class RunConfig:
+    """One training run: everything ``run_training`` needs besides the data."""
+
+    name: str = "mixsp"
+    seed: int = 42
+    output_dir: str = ""  # empty: data/models/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> RunConfig:
+        """Check every field and the combinations between sections; return self."""
+        if not self.name.strip():
+            raise ConfigError("name", "must not be empty")
+        self.model.validate()
+        self.data.validate()
+        self.loss.validate()
+        self.train.validate()
+        self.tracking.validate()
+        self._validate_combinations()
+        return self
+
+    def _validate_combinations(self) -> None:
+        kind, loss = self.model.kind, self.loss
+        if kind == "encoder":
+            return  # evaluated as released: the loss settings are unused
+        terms = {k: v for k, v in asdict(loss).items() if isinstance(v, float) and k in _LOSS_TERMS and v > 0}
+        if not terms:
+            raise ConfigError("loss", "every loss weight is 0: nothing to train")
+        if kind == "cross":
+            for name in ("cosent", "pearson", "rank_kl", "listwise", "distill", "infonce"):
+                if getattr(loss, name) > 0:
+                    raise ConfigError(f"loss.{name}", "not available for the cross model (it scores pairs, "
+                                      "it does not embed sentences); use score_bce and routing")
+        elif loss.score_bce > 0:
+            raise ConfigError("loss.score_bce", "only the cross model has a score head")
+        if loss.routing > 0 and self.model.num_projectors != 2:
+            raise ConfigError("loss.routing", "the routing loss needs model.num_projectors: 2 (upper / lower)")
+        if loss.distill > 0 and self.model.output_dim == 0:
+            raise ConfigError("loss.distill", "distillation needs an output projection (model.output_dim > 0)")
+        if self.model.output_init == "teacher" and loss.distill <= 0:
+            raise ConfigError("model.output_init", "'teacher' needs teacher targets: set loss.distill > 0")
+        if loss.infonce > 0 and not self.data.nli:
+            raise ConfigError("loss.infonce", "needs NLI triplets: set data.nli: true")
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("data") / "models" / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_LOSS_TERMS = ("cosent", "pearson", "rank_kl", "listwise", "score_bce", "routing", "distill", "infonce")
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(name, f"must be >= {low}, got {value}")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type hint, converting int -> float where YAML wrote 1 for 1.0."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(name, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(name, f"has the wrong type: {type(value).__name__} ({value!r})")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(name, f"must be a list, got {type(value).__name__} ({value!r})")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float:
+        # YAML 1.1 reads "5e-5" (no dot) as a string: accept numeric strings for float fields
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"must be a number, got {type(value).__name__} ({value!r})")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"must be an integer, got {type(value).__name__} ({value!r})")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string, got {type(value).__name__} ({value!r})")
+        return value
+    raise ConfigError(name, f"unsupported field type {hint}")  # pragma: no cover - a programming error
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclass fields; unknown keys and
+    wrongly typed values raise ConfigError naming ``prefix.field``. Ranges are checked by ``validate``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix or "<root>", f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(where, f"unknown field (known: {', '.join(sorted(known))})")
+    values = {}
+    for key, value in raw.items():
+        where = f"{prefix}.{key}" if prefix else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = build_dataclass(hint, value, where)
+        else:
+            values[key] = _coerce(where, value, hint)
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a plain mapping (as read from YAML)."""
+    return build_dataclass(RunConfig, copy.deepcopy(raw), "").validate()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Set dotted keys in a raw config mapping: ``{"train.lr": 1e-4}`` or ``["train.lr=1e-4"]``
+    (values of the list form are parsed as YAML scalars)."""
+    raw = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for dotted, value in items:
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(dotted, f"'{part}' is not a section")
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(text, "an override reads KEY=VALUE, e.g. train.lr=1e-4")
+    return key.strip(), yaml.safe_load(value)
+
+
+def load_config(path: str | Path, section: str | None = None,
+                overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+    """Read a training config from a YAML file; ``section`` picks one top-level key (e.g. ``train``
+    of params.yaml). Errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), f"not valid YAML: {err}") from err
+    if section is not None:
+        if not isinstance(raw, dict) or section not in raw:
+            raise ConfigError(section, f"section missing from {path}")
+        raw = raw[section] or {}
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(err.field, f"{str(err).split(': ', 1)[1]} (in {path})") from err
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as values), for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def dump_config(config: RunConfig, path: str | Path) -> Path:
+    """Write the full config (defaults included) as YAML; ``load_config`` reads it back unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    return path

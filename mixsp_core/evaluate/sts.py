@@ -1,0 +1,114 @@
+"""STS evaluation: Spearman x100 of cosine similarity against gold, per task, as SentEval reports it.
+
+STS12-16 use the "all" setting (every subset of a year concatenated); their pair-weighted mean over
+subsets is reported beside it as ``{TASK}-wmean``. The headline ``avg7`` is the mean of the seven test
+tasks and is null unless all seven are present. Model selection uses dev data only (``primary_metric``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+from scipy.stats import pearsonr, spearmanr
+
+from mixsp_core.data.table import eval_name
+
+SEVEN_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
+DEV_TASKS = ("STSBenchmark-dev", "SICK-trial")
+YEARLY_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16")
+
+
+class Embedder(Protocol):
+    def encode(self, sentences: list[str], batch_size: int = ...) -> np.ndarray: ...
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two equally shaped matrices."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    num = np.einsum("ij,ij->i", a, b)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return num / np.maximum(den, 1e-12)
+
+
+def correlations(predicted: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Spearman and Pearson x100 of predictions against gold scores."""
+    if len(gold) < 2:
+        raise ValueError(f"need at least 2 pairs to correlate, got {len(gold)}")
+    return {
+        "spearman": float(spearmanr(predicted, gold).statistic * 100),
+        "pearson": float(pearsonr(predicted, gold).statistic * 100),
+    }
+
+
+def score_table(pairs: pd.DataFrame, similarities: np.ndarray) -> dict[str, dict[str, float]]:
+    """Correlations per evaluation name for a pairs table and one predicted similarity per row."""
+    frame = pairs.assign(_pred=np.asarray(similarities, dtype=np.float64),
+                         _name=[eval_name(t, s) for t, s in zip(pairs["task"], pairs["split"])])
+    tasks: dict[str, dict[str, float]] = {}
+    for name, group in frame.groupby("_name", sort=True):
+        tasks[name] = {**correlations(group["_pred"].to_numpy(), group["score"].to_numpy()),
+                       "pairs": int(len(group))}
+        if name in YEARLY_TASKS:
+            tasks[f"{name}-wmean"] = _weighted_subset_mean(group)
+    return tasks
+
+
+def _weighted_subset_mean(group: pd.DataFrame) -> dict[str, float]:
+    per_subset = [(correlations(g["_pred"].to_numpy(), g["score"].to_numpy()), len(g))
+                  for _, g in group.groupby("subset") if len(g) >= 2]
+    total = sum(n for _, n in per_subset)
+    return {
+        "spearman": sum(c["spearman"] * n for c, n in per_subset) / total,
+        "pearson": sum(c["pearson"] * n for c, n in per_subset) / total,
+        "pairs": int(total),
+    }
+
+
+def summarise(model: str, tasks: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Wrap per-task results with the 7-task average and the dev primary metric."""
+    avg7 = (float(np.mean([tasks[t]["spearman"] for t in SEVEN_TASKS]))
+            if all(t in tasks for t in SEVEN_TASKS) else None)
+    result: dict[str, Any] = {"model": model, "tasks": tasks, "avg7": avg7}
+    result["dev"] = primary_metric(result)
+    return result
+
+
+def primary_metric(result: dict[str, Any]) -> float | None:
+    """Mean Spearman of the dev tasks present (STS-B dev, SICK trial): the number models are selected on."""
+    present = [result["tasks"][t]["spearman"] for t in DEV_TASKS if t in result["tasks"]]
+    return float(np.mean(present)) if present else None
+
+
+def evaluate_embedder(embedder: Embedder, pairs: pd.DataFrame, model: str = "",
+                      batch_size: int = 64) -> dict[str, Any]:
+    """Encode every unique sentence once, score each pair by cosine, and correlate with gold per task.
+
+    A pair scorer (anything with ``predict(pairs: list[tuple[str, str]], batch_size) -> np.ndarray``, such
+    as the `cross` MixSP model) is scored on the pairs directly instead.
+    """
+    if pairs.empty:
+        raise ValueError("no pairs to evaluate")
+    if hasattr(embedder, "predict") and not hasattr(embedder, "encode"):
+        scores = embedder.predict(list(zip(pairs["sentence1"], pairs["sentence2"])), batch_size=batch_size)
+        return summarise(model, score_table(pairs, scores))
+    unique = pd.unique(pd.concat([pairs["sentence1"], pairs["sentence2"]], ignore_index=True))
+    vectors = embedder.encode(list(unique), batch_size=batch_size)
+    row_of = {s: i for i, s in enumerate(unique)}
+    left = vectors[[row_of[s] for s in pairs["sentence1"]]]
+    right = vectors[[row_of[s] for s in pairs["sentence2"]]]
+    return summarise(model, score_table(pairs, cosine_rows(left, right)))
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A markdown table of the per-task results plus the 7-task average and dev primary metric."""
+    lines = ["| task | Spearman | Pearson | pairs |", "| --- | ---: | ---: | ---: |"]
+    for name, row in result["tasks"].items():
+        lines.append(f"| {name} | {row['spearman']:.2f} | {row['pearson']:.2f} | {row['pairs']} |")
+    avg7 = result.get("avg7")
+    lines.append(f"| **avg7** | {avg7:.2f} | | |" if avg7 is not None else "| **avg7** | n/a (needs all 7 test sets) | | |")
+    if result.get("dev") is not None:
+        lines.append(f"| **dev (STS-B dev, SICK trial)** | {result['dev']:.2f} | | |")
+    return "\n".join(lines)

@@ -1,0 +1,252 @@
+"""The ``bi`` student: encoder -> routed projectors -> output projection to k dims.
+
+Each sentence is encoded alone. The projectors transform its pooled state h (mean pooling by
+default); the router sees ``concat(mean-pooled state, [CLS] state)``. The routed vector goes through
+HPD's output layer ``Dense(d -> k)`` (tanh by default), whose output is the embedding (distilled
+towards the PCA_k-projected teacher when HPD is on). Similarity is the cosine of two embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel
+
+from mixsp_core.config import ModelConfig
+from mixsp_core.models.pooling import pool
+from mixsp_core.models.routing import RoutedProjector, RoutingOutput
+
+
+# --------------------------------------------------------------------------- loading the base encoder
+
+
+def _from_pretrained(source: str) -> PreTrainedModel:
+    kwargs = {"use_safetensors": True, "trust_remote_code": False, "dtype": torch.float32}
+    try:
+        return AutoModel.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+    except ValueError as err:  # architectures without SDPA
+        if "sdpa" not in str(err):
+            raise
+        return AutoModel.from_pretrained(source, attn_implementation="eager", **kwargs)
+
+
+def pretrained_encoder(name_or_path: str) -> tuple[PreTrainedModel, object]:
+    """The base encoder's pretrained weights and tokenizer (Hub ids resolved to offline copies)."""
+    from mixsp_core.models.resolve import resolve_model
+
+    source = resolve_model(name_or_path)
+    return _from_pretrained(source), AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+
+
+def empty_encoder(folder: str | os.PathLike[str]) -> tuple[PreTrainedModel, object]:
+    """An encoder built from the HF config in ``folder`` (weights to be loaded by the caller) and its
+    tokenizer; used to rebuild a saved checkpoint without touching the base model."""
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    try:
+        model = AutoModel.from_config(config, attn_implementation="sdpa")
+    except ValueError:
+        model = AutoModel.from_config(config, attn_implementation="eager")
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """bf16 autocast on CUDA, nothing on CPU (bf16 matmuls are slower than fp32 on small CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def check_sentences(sentences: Sequence[str], what: str = "sentence") -> list[str]:
+    if isinstance(sentences, str):
+        raise TypeError(f"expected a sequence of {what}s, not one string")
+    out = list(sentences)
+    for i, s in enumerate(out):
+        if not isinstance(s, str):
+            raise TypeError(f"{what} {i} is {type(s).__name__}, not str")
+    return out
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class StudentOutput:
+    """``embedding``: ``[batch, k]`` before normalisation; ``routing``: the router's outputs."""
+
+    embedding: torch.Tensor
+    routing: RoutingOutput
+
+
+class BiStudent(nn.Module):
+    """Sentence embedder with MixSP routed projectors and an HPD output layer.
+
+    Build with :meth:`from_config` (pretrained base encoder) or through
+    :func:`mixsp_core.models.checkpoint.load_checkpoint`.
+    """
+
+    kind = "bi"
+
+    def __init__(self, config: ModelConfig, encoder: PreTrainedModel, tokenizer):
+        super().__init__()
+        self.model_config = config
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        d = int(encoder.config.hidden_size)
+        self.hidden_dim = d
+        self.routed = RoutedProjector(d, 2 * d, config.num_projectors, config.routing,
+                                      config.projector_mult, config.projector_residual)
+        self.output = nn.Linear(d, config.output_dim, bias=config.output_bias) if config.output_dim else None
+        self.dims: int | None = None  # keep only the first `dims` outputs in encode (compression)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> BiStudent:
+        encoder, tokenizer = pretrained_encoder(config.encoder)
+        return cls(config, encoder, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        full = self.model_config.output_dim or self.hidden_dim
+        return min(self.dims, full) if self.dims else full
+
+    def tokenize(self, sentences: Sequence[str]) -> BatchEncoding:
+        """Padded, truncated (``max_length``) token tensors on the model's device."""
+        batch = self.tokenizer(list(sentences), padding=True, truncation=True,
+                               max_length=self.model_config.max_length, return_tensors="pt")
+        return batch.to(self.device)
+
+    def features(self, batch: BatchEncoding) -> RoutingOutput:
+        """Routed projection of each sentence's pooled state (before the output layer)."""
+        out = self.encoder(**batch)
+        hidden = out.last_hidden_state
+        mask = batch["attention_mask"]
+        h = pool(self.model_config.pooling, hidden, mask)
+        router_input = torch.cat([pool("mean", hidden, mask), hidden[:, 0]], dim=-1)
+        return self.routed(h, router_input)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """The output layer: ``Dense(d -> k)`` then tanh (or identity when there is none)."""
+        if self.output is None:
+            return z
+        y = self.output(z)
+        return torch.tanh(y) if self.model_config.output_activation == "tanh" else y
+
+    def forward(self, batch: BatchEncoding) -> StudentOutput:
+        routing = self.features(batch)
+        return StudentOutput(self.head(routing.z), routing)
+
+    @torch.inference_mode()
+    def encode(self, sentences: Sequence[str], batch_size: int = 64, show_progress: bool = True,
+               normalize: bool | None = None) -> np.ndarray:
+        """Embeddings ``(n, k)`` float32, row i for ``sentences[i]``; L2-normalised unless
+        ``normalize=False`` (default: the model config's ``normalize``)."""
+        sentences = check_sentences(sentences)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        normalize = self.model_config.normalize if normalize is None else normalize
+        was_training = self.training
+        self.eval()
+        result = np.empty((len(sentences), self.dim), dtype=np.float32)
+        order = np.argsort([-len(s) for s in sentences], kind="stable")  # similar lengths share a batch
+        try:
+            with autocast_for(self.device), tqdm(total=len(sentences), desc="encode", unit="sent",
+                                                 disable=not show_progress, leave=False) as bar:
+                for start in range(0, len(order), batch_size):
+                    idx = order[start:start + batch_size]
+                    vec = self(self.tokenize([sentences[i] for i in idx])).embedding.float()
+                    if self.dims:
+                        vec = vec[:, : self.dims]
+                    if normalize:
+                        vec = F.normalize(vec, p=2, dim=-1)
+                    result[idx] = vec.cpu().numpy()
+                    bar.update(len(idx))
+        finally:
+            self.train(was_training)
+        return result
+
+    def score_pairs(self, left: Sequence[str], right: Sequence[str], batch_size: int = 64,
+                    show_progress: bool = False) -> np.ndarray:
+        """Cosine similarity of each pair ``(left[i], right[i])``; each distinct sentence encoded once."""
+        left, right = check_sentences(left), check_sentences(right)
+        unique = list(dict.fromkeys(left + right))
+        vectors = self.encode(unique, batch_size=batch_size, show_progress=show_progress, normalize=True)
+        row = {s: i for i, s in enumerate(unique)}
+        a = vectors[[row[s] for s in left]]
+        b = vectors[[row[s] for s in right]]
+        return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters added on top of the encoder (router, projectors, output layer)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
+
+
+# --------------------------------------------------------------------------- output-layer initialisation
+
+
+@torch.no_grad()
+def routed_features(model: BiStudent, sentences: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """The routed features z ``(n, d)`` that feed the output layer."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        with autocast_for(model.device):
+            for start in range(0, len(sentences), batch_size):
+                batch = model.tokenize(sentences[start:start + batch_size])
+                rows.append(model.features(batch).z.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(rows).astype(np.float64)
+
+
+@torch.no_grad()
+def init_output_layer(model: BiStudent, sentences: Sequence[str], targets: np.ndarray | None = None,
+                      batch_size: int = 64) -> dict[str, float]:
+    """Initialise the output layer from data instead of at random.
+
+    Without ``targets``: the top-k principal directions of the student's own routed features
+    (uncentred, as HPD's PCA), so the first output keeps the most variance. With ``targets``
+    ``(n, k)`` (the PCA_k-projected teacher embeddings of ``sentences``): the least-squares linear map
+    from the features to the targets (through atanh when the layer ends in tanh), so distillation
+    starts from the best linear fit. The bias, if any, is set to zero. Returns fit statistics.
+    """
+    if model.output is None:
+        raise ValueError("the model has no output layer (output_dim is 0)")
+    feats = routed_features(model, list(sentences), batch_size)
+    k = model.output.out_features
+    if targets is None:
+        if feats.shape[0] < k:
+            raise ValueError(f"pca init needs at least {k} sentences, got {feats.shape[0]}")
+        from sklearn.decomposition import TruncatedSVD  # uncentred, unlike sklearn's PCA
+
+        svd = TruncatedSVD(n_components=k, algorithm="randomized", random_state=0).fit(feats)
+        # scale so the first component's RMS is 1: outputs O(1), tanh not saturated from the start
+        scale = 1.0 / max(float(np.sqrt(np.mean(svd.transform(feats)[:, 0] ** 2))), 1e-6)
+        weight = svd.components_ * scale
+        stats = {"explained_variance_ratio": float(svd.explained_variance_ratio_.sum())}
+    else:
+        targets = np.asarray(targets, dtype=np.float64)
+        if targets.shape != (feats.shape[0], k):
+            raise ValueError(f"targets must be ({feats.shape[0]}, {k}), got {targets.shape}")
+        if model.model_config.output_activation == "tanh":
+            targets = np.arctanh(np.clip(targets, -0.995, 0.995))
+        solution, *_ = np.linalg.lstsq(feats, targets, rcond=None)
+        weight = solution.T
+        residual = targets - feats @ solution
+        stats = {"r2": float(1 - residual.var() / max(targets.var(), 1e-12))}
+    model.output.weight.copy_(torch.as_tensor(weight, dtype=model.output.weight.dtype))
+    if model.output.bias is not None:
+        model.output.bias.zero_()
+    return stats
+

@@ -1,0 +1,145 @@
+"""The pipeline's stages as plain functions: the one implementation that Dagster assets, the `mixsp` CLI
+and the DVC stages all call.
+
+Each stage reads its inputs from, and writes its outputs to, deterministic paths under the data root
+(``PipelinePaths``), so DVC can version them. Outputs are written atomically and only after the stage's
+own checks pass: a failed or interrupted stage never replaces a good artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from mixsp_core.data.corpus import build_corpus, read_corpus, write_corpus
+from mixsp_core.data.sources import load_pairs
+from mixsp_core.data.validate import validate_corpus, validate_pairs
+
+
+@dataclass(frozen=True)
+class PipelinePaths:
+    """Where each stage writes, relative to one data root (``data/`` in the repository)."""
+
+    root: Path
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "pairs" / "pairs.parquet"
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus" / "corpus.txt"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path`` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_validated_pairs(data_spec: str) -> pd.DataFrame:
+    """Read pairs from ``data_spec`` and validate them; raise with every failing expectation otherwise."""
+    pairs = load_pairs(data_spec)
+    validate_pairs(pairs, name=data_spec).raise_for_failures()
+    return pairs
+
+
+def write_pairs(pairs: pd.DataFrame, paths: PipelinePaths) -> Path:
+    atomic_write(paths.pairs, lambda tmp: pairs.to_parquet(tmp, index=False))
+    return paths.pairs
+
+
+def read_pairs(paths: PipelinePaths) -> pd.DataFrame:
+    if not paths.pairs.is_file():
+        raise FileNotFoundError(f"{paths.pairs}: no pairs table yet; run the data stage first (`mixsp prepare`)")
+    return pd.read_parquet(paths.pairs)
+
+
+def make_corpus(pairs: pd.DataFrame, text_files: list[Path], max_sentences: int, seed: int) -> list[str]:
+    """Build and validate the unlabeled sentence corpus."""
+    corpus = build_corpus(pairs, text_files, max_sentences=max_sentences, seed=seed)
+    validate_corpus(corpus).raise_for_failures()
+    return corpus
+
+
+def write_corpus_file(corpus: list[str], paths: PipelinePaths) -> Path:
+    write_corpus(corpus, paths.corpus)  # atomic already
+    return paths.corpus
+
+
+def read_corpus_file(paths: PipelinePaths) -> list[str]:
+    if not paths.corpus.is_file():
+        raise FileNotFoundError(f"{paths.corpus}: no corpus yet; run the data stage first (`mixsp prepare`)")
+    return read_corpus(paths.corpus)
+
+
+def encode_teacher(corpus: list[str], paths: PipelinePaths, teacher: str, batch_size: int = 64,
+                   device: str | None = None, show_progress: bool = True):
+    """Encode the corpus with the teacher through the sentence-hash cache; returns (embeddings, stats)."""
+    from mixsp_core.models.encoder import Encoder
+    from mixsp_core.teacher_cache import TeacherCache
+
+    cache = TeacherCache(paths.teacher, model_name=teacher)
+    missing = cache.missing(corpus) if hasattr(cache, "missing") else None
+    # Loading the teacher costs seconds and 400 MB: skip it when every sentence is cached already.
+    encoder = None if missing == [] else Encoder(teacher, device=device, show_progress=show_progress)
+    embeddings, stats = cache.encode(corpus, encoder, batch_size=batch_size)
+    return np.asarray(embeddings, dtype=np.float32), stats
+
+
+@dataclass
+class PrepareResult:
+    pairs: pd.DataFrame
+    corpus: list[str]
+    paths: PipelinePaths
+
+    def summary(self) -> str:
+        counts = self.pairs.groupby(["task", "split"]).size()
+        rows = "\n".join(f"  {task} {split}: {n}" for (task, split), n in counts.items())
+        return (f"pairs: {len(self.pairs)} -> {self.paths.pairs}\n{rows}\n"
+                f"corpus: {len(self.corpus)} sentences -> {self.paths.corpus}")
+
+
+def run_prepare(params) -> PrepareResult:
+    """Data stage: load + validate pairs, build + validate the corpus, then write both (atomically)."""
+    paths = PipelinePaths(params.data.root_path())
+    pairs = load_validated_pairs(params.data.resolved_spec())
+    corpus = make_corpus(pairs, params.data.resolved_corpus_files(),
+                         params.data.max_corpus_sentences, params.data.seed)
+    write_pairs(pairs, paths)
+    write_corpus_file(corpus, paths)
+    return PrepareResult(pairs, corpus, paths)
+
+
+def run_teacher(params):
+    """Teacher stage: encode the written corpus with the teacher through the cache; returns CacheStats."""
+    paths = PipelinePaths(params.data.root_path())
+    _, stats = encode_teacher(read_corpus_file(paths), paths, params.teacher.model,
+                              batch_size=params.teacher.batch_size, device=params.teacher.resolved_device())
+    return stats

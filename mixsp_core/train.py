@@ -1,0 +1,488 @@
+"""Training loop for the ``bi`` student and the ``cross`` MixSP scorer.
+
+``run_training`` is the one entry point (CLI ``mixsp train``, the Dagster asset and the DVC stage all
+call it). Read it top to bottom: pick the data, build the model, then per step draw one batch of pairs
+(plus one of distillation sentences and one of NLI triplets when those losses are on), sum the
+weighted losses, and step AdamW under a linear warm-up/decay schedule with gradient clipping (and
+autocast on CUDA). Every ``eval_every`` steps it scores the dev sets, keeps the best checkpoint by the
+mean dev Spearman, writes a resumable ``last/`` checkpoint and stops early after ``patience``
+evaluations without improvement.
+
+Batches are a pure function of (seed, step), so a resumed run draws exactly the batches the
+uninterrupted run would have drawn; with the RNG and optimizer state restored it continues the same
+trajectory on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mixsp_core.config import RunConfig, dump_config, flatten
+from mixsp_core.data.table import eval_name
+from mixsp_core.errors import CheckpointError, ConfigError, DataError
+from mixsp_core.evaluate.plots import class_metrics, plot_class_histogram, plot_dev_curve
+from mixsp_core.evaluate.sts import correlations, cosine_rows
+from mixsp_core.losses import (CoSENTLoss, DistillLoss, InfoNCELoss, ListwiseRankLoss, PearsonLoss, RankKLLoss,
+                               RoutingLoss, ScoreBCELoss, fit_pca_projection)
+from mixsp_core.models.checkpoint import (build_model, load_checkpoint, read_trainer_state, restore_optimizer,
+                                          save_checkpoint)
+from mixsp_core.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+BEST_DIR, LAST_DIR = "best", "last"
+# settings that may change between an interrupted run and its resumption without changing the run
+_RESUME_FREE = {"train.resume", "train.device", "train.eval_batch_size", "train.log_every", "output_dir"}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``best_checkpoint`` is None for ``kind: encoder`` (nothing trained)."""
+
+    output_dir: Path
+    best_checkpoint: Path | None
+    best_step: int
+    best_metrics: dict[str, float]  # dev Spearman per set + "primary" (their mean)
+    class_metrics: dict[str, dict[str, Any]]  # per dev set: overlap, spearman_upper/lower, n_upper/lower
+    history: list[dict[str, Any]]
+    steps: int
+    train_seconds: float
+    run_id: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"output: {self.output_dir}", f"best checkpoint: {self.best_checkpoint} (step {self.best_step})",
+                 f"steps: {self.steps}, training time: {self.train_seconds / 60:.1f} min"]
+        lines += [f"  {name}: {value:.2f}" for name, value in self.best_metrics.items()]
+        for name, cm in self.class_metrics.items():
+            lines.append(f"  {name}: overlap {_fmt(cm['overlap'], '.3f')}, Spearman upper "
+                         f"{_fmt(cm['spearman_upper'])}, lower {_fmt(cm['spearman_lower'])}")
+        if self.run_id:
+            lines.append(f"MLflow run: {self.run_id}")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def select_pairs(pairs: pd.DataFrame, config: RunConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Training rows (``split == train`` of ``data.train_tasks``) and one frame per dev set."""
+    missing = {"sentence1", "sentence2", "score", "task", "split"} - set(pairs.columns)
+    if missing:
+        raise DataError("<pairs table>", f"missing columns {sorted(missing)}")
+    train = pairs[(pairs["split"] == "train") & pairs["task"].isin(config.data.train_tasks)]
+    if train.empty:
+        raise ConfigError("data.train_tasks", f"no training pairs for {config.data.train_tasks} in the pairs table "
+                          f"(tasks present: {sorted(pairs['task'].unique())})")
+    if config.data.max_train_pairs:
+        train = train.sample(n=min(len(train), config.data.max_train_pairs), random_state=config.seed)
+    names = pd.Series([eval_name(t, s) for t, s in zip(pairs["task"], pairs["split"])], index=pairs.index)
+    dev = {}
+    for name in config.data.dev_sets:
+        frame = pairs[names == name]
+        if len(frame) < 3:
+            raise ConfigError("data.dev_sets", f"dev set {name!r} has {len(frame)} pairs in the pairs table")
+        dev[name] = frame.reset_index(drop=True)
+    return train.reset_index(drop=True), dev
+
+
+@dataclass(frozen=True)
+class BatchStream:
+    """Row indices of batch ``step`` of a dataset of ``size`` rows: a fresh seeded permutation per
+    epoch, cut into full batches (a pure function of seed and step, so resuming needs no state)."""
+
+    size: int
+    batch_size: int
+    seed: int
+    stream: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, self.size // self.batch_size)
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        order = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)
+        return order[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+def load_triplets(config: RunConfig) -> pd.DataFrame:
+    """SNLI dev + test triplets from ``data.nli_dir`` (auto: the shared SentEval SNLI folder)."""
+    from mixsp_core.data.corpus import load_nli_triplets
+
+    if config.data.nli_dir == "auto":
+        from mixsp_core.pipeline_config import shared_dir
+
+        folder = shared_dir() / "data" / "senteval" / "SNLI"
+    else:
+        folder = Path(config.data.nli_dir)
+    return pd.concat([load_nli_triplets(folder, split) for split in ("dev", "test")], ignore_index=True)
+
+
+def distill_targets(config: RunConfig, corpus: Sequence[str] | None,
+                    teacher: np.ndarray | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """The distillation sentences and their targets: teacher rows (aligned with ``corpus``) projected
+    to ``model.output_dim`` by an uncentred PCA fitted here; rows already that wide are used as is."""
+    if config.loss.distill <= 0 and config.model.output_init != "teacher":
+        return [], None, None
+    if corpus is None or teacher is None:
+        raise ConfigError("loss.distill", "distillation needs the corpus and its teacher embeddings")
+    corpus = list(corpus)
+    teacher = np.asarray(teacher, dtype=np.float32)
+    if teacher.ndim != 2 or teacher.shape[0] != len(corpus):
+        raise DataError("<teacher embeddings>", f"shape {teacher.shape} does not match {len(corpus)} corpus sentences")
+    k = config.model.output_dim
+    if teacher.shape[1] == k:
+        return corpus, teacher, None
+    targets, components = fit_pca_projection(teacher, k, seed=config.seed)
+    return corpus, targets, components
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device", f"{name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms; the added layers may get their own ``head_lr``."""
+    tc = config.train
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+    for name, param in model.named_parameters():
+        head = not name.startswith("encoder.")
+        no_decay = name.endswith(".bias") or "norm" in name.lower()
+        groups[(head, no_decay)].append(param)
+    param_groups = [
+        {"params": params, "weight_decay": 0.0 if no_decay else tc.weight_decay,
+         "lr": (tc.head_lr or tc.lr) if head else tc.lr}
+        for (head, no_decay), params in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, lr=tc.lr)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Objective(nn.Module):
+    """The weighted sum of the configured loss terms for one step; returns the total and each term."""
+
+    def __init__(self, config: RunConfig, class_counts: tuple[int, int]):
+        super().__init__()
+        lc = config.loss
+        self.weights = {name: getattr(lc, name) for name in
+                        ("cosent", "pearson", "rank_kl", "listwise", "score_bce", "routing", "distill", "infonce")
+                        if getattr(lc, name) > 0}
+        self.threshold = config.data.upper_threshold
+        self.cosent = CoSENTLoss(lc.cosent_scale)
+        self.pearson = PearsonLoss()
+        self.rank_kl = RankKLLoss(lc.rank_kl_temperature)
+        self.listwise = ListwiseRankLoss(lc.rank_kl_temperature)
+        self.score_bce = ScoreBCELoss()
+        self.routing = RoutingLoss(class_counts)
+        self.distill = DistillLoss()
+        self.infonce = InfoNCELoss(lc.infonce_temperature)
+
+    def pair_terms(self, model: nn.Module, left: list[str], right: list[str], gold: torch.Tensor) -> dict[str, torch.Tensor]:
+        upper = gold >= self.threshold
+        terms: dict[str, torch.Tensor] = {}
+        if model.kind == "cross":
+            out = model(model.tokenize_pairs(left, right))
+            terms["score_bce"] = self.score_bce(out.logits, gold)
+            gates = (out.routing_a.gate, out.routing_b.gate)
+        else:
+            out = model(model.tokenize(left + right))
+            a, b = out.embedding[: len(left)], out.embedding[len(left):]
+            cos = F.cosine_similarity(a.float(), b.float(), dim=-1)
+            for name in ("cosent", "pearson", "rank_kl", "listwise"):
+                if name in self.weights:
+                    terms[name] = getattr(self, name)(cos, gold)
+            gate = out.routing.gate
+            gates = (gate[: len(left)], gate[len(left):]) if gate is not None else (None, None)
+        if "routing" in self.weights and gates[0] is not None:
+            terms["routing"] = (self.routing(gates[0], upper) + self.routing(gates[1], upper)) / 2
+        return terms
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[name] * value for name, value in terms.items())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def pair_scores(model, left: list[str], right: list[str], batch_size: int) -> np.ndarray:
+    """Predicted similarity per pair: the model's own ``score_pairs`` (bi: cosine, cross: sigmoid
+    score), or the cosine of a plain encoder's embeddings."""
+    if hasattr(model, "score_pairs"):
+        return model.score_pairs(left, right, batch_size=batch_size)
+    unique = list(dict.fromkeys(left + right))
+    vectors = model.encode(unique, batch_size=batch_size, show_progress=False)
+    row = {s: i for i, s in enumerate(unique)}
+    return cosine_rows(vectors[[row[s] for s in left]], vectors[[row[s] for s in right]])
+
+
+def evaluate_dev(model, dev: dict[str, pd.DataFrame], batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Spearman x100 per dev set plus ``primary`` (their mean), and the raw scores per set."""
+    metrics, scores = {}, {}
+    for name, frame in dev.items():
+        scores[name] = pair_scores(model, list(frame["sentence1"]), list(frame["sentence2"]), batch_size)
+        metrics[name] = correlations(scores[name], frame["score"].to_numpy())["spearman"]
+    metrics["primary"] = float(np.mean([metrics[name] for name in dev]))
+    return metrics, scores
+
+
+def finish_report(model, dev: dict[str, pd.DataFrame], config: RunConfig, out: Path,
+                  history: list[dict[str, Any]], tracker: Tracker) -> tuple[dict[str, float], dict[str, dict]]:
+    """Final dev metrics of ``model``, MixSP's class measurements and the figures, logged."""
+    metrics, scores = evaluate_dev(model, dev, config.train.eval_batch_size)
+    plots = out / "plots"
+    per_class = {}
+    for name, frame in dev.items():
+        per_class[name] = plot_class_histogram(scores[name], frame["score"].to_numpy(),
+                                               plots / f"classes-{name}.png", config.data.upper_threshold,
+                                               title=f"{config.name} on {name}")
+    if history:
+        plot_dev_curve(history, plots / "dev-spearman.png", keys=[*dev, "primary"])
+    report = {"best": metrics, "class_metrics": per_class, "history": history}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    flat = {f"best/{k}": v for k, v in metrics.items()}
+    for name, cm in per_class.items():
+        flat.update({f"class/{name}/{k}": v for k, v in cm.items() if v is not None})
+    tracker.log_metrics(flat, step=history[-1]["step"] if history else 0)
+    tracker.log_artifact(plots, "plots")
+    tracker.log_artifact(out / "metrics.json")
+    return metrics, per_class
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None = None,
+                 teacher_targets: np.ndarray | None = None, out_dir: str | Path | None = None,
+                 tracker: Tracker | None = None, triplets: pd.DataFrame | None = None,
+                 show_progress: bool = True) -> TrainResult:
+    """Train (or, for ``model.kind: encoder``, only evaluate) as ``config`` says; see the module doc.
+
+    ``pairs``: the pairs table (training rows and the dev sets); ``corpus`` + ``teacher_targets``
+    (rows aligned): distillation data, needed when ``loss.distill > 0``; ``triplets``: NLI triplets
+    (columns anchor, positive, hard_negative), loaded from ``data.nli_dir`` when None and
+    ``data.nli`` is on. Writes ``out_dir`` (default ``config.output_dir``): ``best/``, ``last/``,
+    ``metrics.json``, ``history.json``, ``run_config.yaml``, ``plots/``.
+    """
+    out = Path(out_dir) if out_dir is not None else config.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = tracker or NullTracker()
+    tc, lc = config.train, config.loss
+    seed_everything(config.seed)
+    device = resolve_device(tc.device)
+    train, dev = select_pairs(pairs, config)
+    dump_config(config, out / "run_config.yaml")
+    tracker.set_tags({"mixsp_kind": config.model.kind, "config_name": config.name})
+
+    if config.model.kind == "encoder":  # a released model: evaluate only
+        from mixsp_core.models.encoder import Encoder
+
+        tracker.log_params(flatten(config.to_dict()))
+        encoder = Encoder(config.model.encoder, device=str(device))
+        metrics, per_class = finish_report(encoder, dev, config, out, [], tracker)
+        tracker.log_artifact(out / "run_config.yaml")
+        tracker.finish()
+        return TrainResult(out, None, 0, metrics, per_class, [], 0, 0.0, tracker.run_id)
+
+    # ---- data streams
+    gold_all = train["score"].to_numpy(dtype=np.float32)
+    upper_all = gold_all >= config.data.upper_threshold
+    class_counts = tuple(lc.routing_class_counts) or (max(1, int((~upper_all).sum())), max(1, int(upper_all.sum())))
+    pair_stream = BatchStream(len(train), tc.batch_size, config.seed, 0)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * pair_stream.batches_per_epoch))
+    distill_sentences, targets, components = distill_targets(config, corpus, teacher_targets)
+    distill_stream = BatchStream(len(distill_sentences), tc.distill_batch_size, config.seed, 1)
+    if lc.infonce > 0 and triplets is None:
+        triplets = load_triplets(config)
+    nli_stream = BatchStream(len(triplets), tc.nli_batch_size, config.seed, 2) if lc.infonce > 0 else None
+    if components is not None:
+        np.save(out / "teacher_pca_components.npy", components)
+
+    # ---- model, optimizer, schedule: fresh or resumed
+    state = _resume_state(out / LAST_DIR, config) if tc.resume else None
+    model = load_checkpoint(out / LAST_DIR) if state else build_model(config.model)
+    model.to(device).train()
+    if state is None and config.model.output_init != "random":
+        _init_output(model, config, train, distill_sentences, targets)
+    optimizer = make_optimizer(model, config)
+    scheduler = linear_schedule(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
+    step, best, best_step, waited, history, seconds = 0, -math.inf, 0, 0, [], 0.0
+    if state:
+        restore_optimizer(optimizer, state, state.pop("_tensors"), out / LAST_DIR)
+        scheduler.load_state_dict(state["scheduler"])
+        step, best, best_step = state["step"], state["best_metric"], state["best_step"]
+        waited, history, seconds = state["evals_since_best"], state["history"], state["train_seconds"]
+        log.info("resuming %s from step %d", out, step)
+    objective = Objective(config, class_counts).to(device)
+    use_amp = tc.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if tc.amp_dtype == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    tracker.log_params({**flatten(config.to_dict()), "derived.total_steps": total_steps,
+                        "derived.train_pairs": len(train), "derived.class_counts": list(class_counts),
+                        "derived.device": str(device), "derived.distill_sentences": len(distill_sentences)})
+
+    # ---- the loop
+    stopped_early = bool(state and state.get("stopped_early"))
+    window: dict[str, list[float]] = defaultdict(list)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.name}", disable=not show_progress)
+    started = time.perf_counter() - seconds
+    try:
+        while step < total_steps and not stopped_early:
+            model.train()
+            idx = pair_stream.indices(step)
+            gold = torch.as_tensor(gold_all[idx], device=device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                terms = objective.pair_terms(model, list(train["sentence1"].iloc[idx]),
+                                             list(train["sentence2"].iloc[idx]), gold)
+                if lc.distill > 0:
+                    rows = distill_stream.indices(step)
+                    student = model(model.tokenize([distill_sentences[i] for i in rows])).embedding
+                    terms["distill"] = objective.distill(student, torch.as_tensor(targets[rows], device=device))
+                if nli_stream is not None:
+                    rows = triplets.iloc[nli_stream.indices(step)]
+                    n = len(rows)
+                    emb = model(model.tokenize(list(rows["anchor"]) + list(rows["positive"])
+                                               + list(rows["hard_negative"]))).embedding
+                    terms["infonce"] = objective.infonce(emb[:n], emb[n:2 * n], emb[2 * n:])
+                loss = objective.total(terms)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if tc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+
+            window["loss"].append(float(loss.detach()))
+            for name, value in terms.items():
+                window[name].append(float(value.detach()))
+            if step % tc.log_every == 0 or step == total_steps:
+                logged = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
+                logged["train/lr"] = scheduler.get_last_lr()[0]
+                tracker.log_metrics(logged, step)
+                bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
+                window.clear()
+
+            if step % tc.eval_every == 0 or step == total_steps:
+                metrics, _ = evaluate_dev(model, dev, tc.eval_batch_size)
+                seconds = time.perf_counter() - started
+                history.append({"step": step, **metrics, "train_seconds": seconds})
+                tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, step)
+                if metrics["primary"] > best:
+                    best, best_step, waited = metrics["primary"], step, 0
+                    save_checkpoint(model, out / BEST_DIR, extra={"step": step, "dev": metrics,
+                                                                  "config": config.to_dict()})
+                else:
+                    waited += 1
+                stopped_early = bool(tc.patience and waited >= tc.patience)
+                if tc.save_last:
+                    save_checkpoint(model, out / LAST_DIR, trainer_state={
+                        "step": step, "total_steps": total_steps, "best_metric": best, "best_step": best_step,
+                        "evals_since_best": waited, "history": history, "train_seconds": seconds,
+                        "stopped_early": stopped_early, "scheduler": scheduler.state_dict(),
+                        "config": config.to_dict(), "tracking_run_id": tracker.run_id,
+                    }, optimizer=optimizer)
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+
+    # ---- the best model's report
+    (out / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+    best_model = load_checkpoint(out / BEST_DIR, device=device)
+    metrics, per_class = finish_report(best_model, dev, config, out, history, tracker)
+    tracker.log_metrics({"train_seconds": seconds, "best_step": best_step}, step)
+    tracker.log_artifact(out / "run_config.yaml")
+    tracker.log_artifact(out / "history.json")
+    if config.tracking.log_checkpoint:
+        tracker.log_artifact(out / BEST_DIR, "best_checkpoint")
+    tracker.finish()
+    return TrainResult(out, out / BEST_DIR, best_step, metrics, per_class, history, step, seconds, tracker.run_id,
+                       {"plots": str(out / "plots"), "metrics": str(out / "metrics.json")})
+
+
+def _init_output(model, config: RunConfig, train: pd.DataFrame, sentences: list[str],
+                 targets: np.ndarray | None) -> None:
+    """Data-driven output layer (``model.output_init``), on a seeded sample of sentences."""
+    from mixsp_core.models.student import init_output_layer
+
+    rng = np.random.default_rng(config.seed)
+    n = config.train.output_init_sentences
+    if config.model.output_init == "teacher":
+        rows = rng.permutation(len(sentences))[:n]
+        stats = init_output_layer(model, [sentences[i] for i in rows], targets[rows])
+    else:
+        pool = list(dict.fromkeys(list(train["sentence1"]) + list(train["sentence2"])))
+        stats = init_output_layer(model, [pool[i] for i in rng.permutation(len(pool))[:n]])
+    log.info("output layer initialised (%s): %s", config.model.output_init, stats)
+
+
+def _resume_state(last: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The saved trainer state when ``last`` holds a resumable checkpoint of this same run."""
+    if not (last / "trainer_state.json").is_file():
+        return None
+    state, tensors = read_trainer_state(last)
+    saved, current = flatten(state.get("config", {})), flatten(config.to_dict())
+    for key in sorted(set(saved) | set(current)):
+        if key in _RESUME_FREE or key.startswith("tracking."):
+            continue
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(
+                f"{last / 'trainer_state.json'}: was written by a run with {key}={saved.get(key)!r}, this config "
+                f"has {current.get(key)!r}; use another output directory or set train.resume: false")
+    state["_tensors"] = tensors
+    return state

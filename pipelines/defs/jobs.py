@@ -1,0 +1,12 @@
+"""Jobs: ``mixsp_full`` materialises every asset (and runs every check) in dependency order."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+# AssetSelection objects rather than selection strings: no dependence on the ANTLR selection parser.
+mixsp_full = dg.define_asset_job(
+    name="mixsp_full",
+    selection=dg.AssetSelection.all(),
+    description="The whole chain: pairs and corpus -> teacher embeddings -> ... -> champion.",
+)

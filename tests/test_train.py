@@ -1,0 +1,153 @@
+"""Training on a tiny random BERT: loss goes down, runs are deterministic, resume continues the run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixsp_core.config import config_from_dict
+from mixsp_core.errors import CheckpointError, ConfigError
+from mixsp_core.models.checkpoint import load_checkpoint
+from mixsp_core.tracking import NullTracker
+from mixsp_core.train import BatchStream, Objective, run_training, select_pairs
+from tests.train_helpers import small_pairs, tiny_config
+
+
+@pytest.fixture(scope="module")
+def pairs(senteval_dir):
+    return small_pairs(senteval_dir)
+
+
+def _train_loss(model, config, pairs) -> float:
+    """The objective's total over all training pairs, in eval mode (no dropout)."""
+    train, _ = select_pairs(pairs, config)
+    objective = Objective(config, (24, 24))
+    model.eval()
+    with torch.no_grad():
+        terms = objective.pair_terms(model, list(train["sentence1"]), list(train["sentence2"]),
+                                     torch.as_tensor(train["score"].to_numpy(np.float32)))
+        return float(objective.total(terms))
+
+
+def test_a_few_steps_lower_the_loss(tiny_bert_dir, senteval_dir, tmp_path):
+    pairs = small_pairs(senteval_dir, n_train=16)
+    config = tiny_config(tiny_bert_dir, train={"max_steps": 30, "eval_every": 15, "lr": 3e-3})
+    from mixsp_core.models.checkpoint import build_model
+
+    torch.manual_seed(config.seed)
+    before = _train_loss(build_model(config.model), config, pairs)
+    tracker = NullTracker()
+    result = run_training(config, pairs, out_dir=tmp_path / "run", tracker=tracker, show_progress=False)
+    after = _train_loss(load_checkpoint(result.output_dir / "last"), config, pairs)
+    gold = select_pairs(pairs, config)[0]["score"].to_numpy()
+    constant_level = np.log1p((gold[:, None] > gold[None, :]).sum())  # CoSENT when every cosine is equal
+    assert after < 0.9 * before and after < constant_level - 0.3, (before, after, constant_level)
+    assert result.steps == 30 and [s for s, _ in tracker.series("train/loss")][-1] == 30
+    assert {"STSBenchmark-dev", "SICK-trial", "primary"} <= set(result.best_metrics)
+    assert set(result.class_metrics) == {"STSBenchmark-dev", "SICK-trial"}
+    assert (result.output_dir / "plots" / "dev-spearman.png").is_file()
+    assert (result.output_dir / "plots" / "classes-SICK-trial.png").is_file()
+    assert tracker.params["model.num_projectors"] == 2 and tracker.status == "FINISHED"
+
+
+def test_same_seed_same_run(tiny_bert_dir, pairs, tmp_path):
+    config = tiny_config(tiny_bert_dir, train={"max_steps": 4, "eval_every": 4})
+    runs = [NullTracker(), NullTracker()]
+    for i, tracker in enumerate(runs):
+        run_training(config, pairs, out_dir=tmp_path / f"r{i}", tracker=tracker, show_progress=False)
+    assert runs[0].series("train/loss") == runs[1].series("train/loss")
+    a, b = (load_file(str(tmp_path / f"r{i}" / "best" / "model.safetensors")) for i in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = tiny_config(tiny_bert_dir, train={"max_steps": 4, "eval_every": 4}, seed=8)
+    tracker = NullTracker()
+    run_training(other, pairs, out_dir=tmp_path / "r2", tracker=tracker, show_progress=False)
+    assert tracker.series("train/loss") != runs[0].series("train/loss")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt(NullTracker):
+    """Raises while logging step ``at``: an interruption after the step-4 checkpoint was written."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def log_metrics(self, metrics, step):
+        if step == self.at:
+            raise _Interrupt
+        super().log_metrics(metrics, step)
+
+
+def test_resume_continues_from_the_saved_step(tiny_bert_dir, pairs, tmp_path):
+    config = tiny_config(tiny_bert_dir)  # 8 steps, a checkpoint every 4
+    full = NullTracker()
+    run_training(config, pairs, out_dir=tmp_path / "full", tracker=full, show_progress=False)
+
+    with pytest.raises(_Interrupt):
+        run_training(config, pairs, out_dir=tmp_path / "cut", tracker=_StopAt(6), show_progress=False)
+    resumed = NullTracker()
+    result = run_training(config, pairs, out_dir=tmp_path / "cut", tracker=resumed, show_progress=False)
+    steps = [s for s, _ in resumed.series("train/loss")]
+    assert steps[0] == 5 and steps[-1] == 8 and result.steps == 8
+    # the resumed run retraces the uninterrupted one: same losses, same final weights
+    assert resumed.series("train/loss") == [p for p in full.series("train/loss") if p[0] >= 5]
+    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_refuses_a_different_config(tiny_bert_dir, pairs, tmp_path):
+    run_training(tiny_config(tiny_bert_dir, train={"max_steps": 4}), pairs, out_dir=tmp_path / "r",
+                 tracker=NullTracker(), show_progress=False)
+    changed = tiny_config(tiny_bert_dir, train={"max_steps": 4, "lr": 5e-4})
+    with pytest.raises(CheckpointError, match="train.lr"):
+        run_training(changed, pairs, out_dir=tmp_path / "r", tracker=NullTracker(), show_progress=False)
+
+
+def test_cross_model_trains(tiny_bert_dir, pairs, tmp_path):
+    config = tiny_config(tiny_bert_dir, model={"kind": "cross", "output_dim": 0},
+                         loss={"cosent": 0.0, "score_bce": 1.0, "routing": 0.1})
+    result = run_training(config, pairs, out_dir=tmp_path / "x", tracker=NullTracker(), show_progress=False)
+    model = load_checkpoint(result.best_checkpoint)
+    scores = model.predict([("A man plays a guitar.", "A man is playing guitar."), ("a", "b")])
+    assert scores.shape == (2,) and np.all((scores > 0) & (scores < 1))
+
+
+def test_soft_routing_distillation_and_pca_init(tiny_bert_dir, pairs, tmp_path):
+    corpus = list(dict.fromkeys(pairs["sentence1"]))[:40]
+    teacher = np.random.default_rng(0).normal(size=(len(corpus), 24)).astype(np.float32)
+    config = tiny_config(tiny_bert_dir, model={"routing": "soft", "output_init": "teacher"},
+                         loss={"distill": 1.0}, train={"max_steps": 4, "distill_batch_size": 8,
+                                                       "output_init_sentences": 40})
+    tracker = NullTracker()
+    run_training(config, pairs, corpus=corpus, teacher_targets=teacher, out_dir=tmp_path / "d",
+                 tracker=tracker, show_progress=False)
+    assert len(tracker.series("train/distill")) == 4
+    assert np.load(tmp_path / "d" / "teacher_pca_components.npy").shape == (16, 24)
+
+
+def test_distillation_without_teacher_is_a_config_error(tiny_bert_dir, pairs, tmp_path):
+    config = tiny_config(tiny_bert_dir, loss={"distill": 1.0})
+    with pytest.raises(ConfigError, match="loss.distill"):
+        run_training(config, pairs, out_dir=tmp_path / "e", tracker=NullTracker(), show_progress=False)
+
+
+def test_encoder_kind_only_evaluates(tiny_bert_dir, pairs, tmp_path):
+    config = config_from_dict({"name": "released", "model": {"kind": "encoder", "encoder": str(tiny_bert_dir)}})
+    result = run_training(config, pairs, out_dir=tmp_path / "enc", tracker=NullTracker(), show_progress=False)
+    assert result.best_checkpoint is None and result.steps == 0
+    assert -100 <= result.best_metrics["primary"] <= 100
+
+
+def test_batch_stream_is_a_function_of_step():
+    stream = BatchStream(size=10, batch_size=4, seed=3, stream=0)
+    assert stream.batches_per_epoch == 2
+    epoch0 = np.concatenate([stream.indices(0), stream.indices(1)])
+    assert len(set(epoch0)) == 8  # no repeats inside an epoch
+    assert np.array_equal(stream.indices(1), BatchStream(10, 4, 3, 0).indices(1))
+    assert not np.array_equal(stream.indices(0), stream.indices(2))  # a new permutation next epoch

@@ -1,0 +1,38 @@
+"""Small real-data tables and tiny-model configs shared by the training and checkpoint tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mixsp_core.config import config_from_dict
+from mixsp_core.data.senteval import read_sick_file, read_stsb_file
+from mixsp_core.data.table import concat_pairs
+
+
+def small_pairs(senteval_dir: Path, n_train: int = 48, n_dev: int = 24) -> pd.DataFrame:
+    """A few real STS-B train pairs (both classes present) and small STS-B dev / SICK trial sets."""
+    train = read_stsb_file(senteval_dir / "STS" / "STSBenchmark" / "sts-train.csv", "train")
+    upper = train[train["score"] >= 4].head(n_train // 2)
+    lower = train[train["score"] < 4].head(n_train - len(upper))
+    dev = read_stsb_file(senteval_dir / "STS" / "STSBenchmark" / "sts-dev.csv", "dev").head(n_dev)
+    trial = read_sick_file(senteval_dir / "SICK" / "SICK_trial.txt", "dev").head(n_dev)
+    return concat_pairs([upper, lower, dev, trial])
+
+
+def tiny_config(encoder: Path, **sections) -> object:
+    """A config for the tiny random BERT: short, evaluates often, no MLflow."""
+    raw = {
+        "name": "tiny",
+        "seed": 7,
+        "model": {"kind": "bi", "encoder": str(encoder), "num_projectors": 2, "routing": "hard",
+                  "projector_mult": 2, "output_dim": 16, "max_length": 32},
+        "loss": {"cosent": 1.0, "routing": 0.1},
+        "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, "eval_every": 4, "log_every": 1,
+                  "warmup_ratio": 0.1, "eval_batch_size": 32},
+        "tracking": {"enabled": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values) if isinstance(values, dict) else raw.__setitem__(section, values)
+    return config_from_dict(raw)
