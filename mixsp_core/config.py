@@ -134,6 +134,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 16  # pairs per step
+    batch_by_task: bool = True  # each pair batch from one task (gold scales differ between tasks)
     distill_batch_size: int = 32  # corpus sentences per step (when loss.distill > 0)
     nli_batch_size: int = 16  # triplets per step (when loss.infonce > 0)
     lr: float = 5e-5
@@ -146,12 +147,12 @@ class TrainConfig:
     amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 adds a GradScaler)
     eval_every: int = 100  # steps; the run also evaluates at its end
     eval_batch_size: int = 128
+    eval_at_start: bool = False  # also score the untrained model (step 0 of the dev curve)
     patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
     log_every: int = 10
     save_last: bool = True  # keep a resumable checkpoint (last/) at every evaluation
     resume: bool = True  # continue from output_dir/last when it exists
     output_init_sentences: int = 2000  # sentences used to fit a pca/teacher output init
-    deterministic: bool = True
 
     def validate(self, prefix: str = "train") -> None:
         if self.epochs <= 0 and self.max_steps <= 0:

@@ -288,7 +288,8 @@ def merge_checkpoints(checkpoints: Sequence[str | os.PathLike[str]], output_dir:
         merged = uniform_soup(states, names)
     elif method == "fusion":
         if start is None:
-            raise ConfigError("merge.start", "delta-guided fusion needs the start model the checkpoints were trained from")
+            raise ConfigError("merge.start", "delta-guided fusion needs the start model the checkpoints "
+                                              "were trained from")
         merged, info = delta_fusion(read_state(start), states, p=p, names=names)
         record["fusion"] = asdict(info)
         record["start_weights"] = str(weights_path(start))

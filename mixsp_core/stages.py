@@ -143,3 +143,40 @@ def run_teacher(params):
     _, stats = encode_teacher(read_corpus_file(paths), paths, params.teacher.model,
                               batch_size=params.teacher.batch_size, device=params.teacher.resolved_device())
     return stats
+
+
+def training_inputs(config, paths: PipelinePaths, data_spec: str | None = None):
+    """Pairs, corpus and teacher embeddings for one training config.
+
+    ``data.spec: auto`` reads the pipeline's validated pairs table (the data stage's output); any other
+    spec is loaded and validated here. The corpus and teacher embeddings are read only when the config
+    distils (or initialises its output layer from the teacher); teacher rows come from the cache, and only
+    sentences missing from it are encoded.
+    """
+    spec = data_spec or config.data.spec
+    pairs = read_pairs(paths) if spec == "auto" else load_validated_pairs(spec)
+    if config.loss.distill <= 0 and config.model.output_init != "teacher":
+        return pairs, None, None
+    corpus = read_corpus_file(paths) if config.data.corpus == "auto" else read_corpus(Path(config.data.corpus))
+    teacher, _ = encode_teacher(corpus, paths, config.data.teacher)
+    return pairs, corpus, teacher
+
+
+def run_train(config, paths: PipelinePaths, output: Path | None = None, tracker=None, show_progress: bool = True):
+    """Training stage: one run of ``mixsp_core.train.run_training`` with its inputs and MLflow tracker."""
+    from mixsp_core.tracking import tracker_for_run
+    from mixsp_core.train import run_training
+
+    out = Path(output) if output else config.resolved_output_dir()
+    pairs, corpus, teacher = training_inputs(config, paths)
+    tracker = tracker if tracker is not None else tracker_for_run(config, out)
+    return run_training(config, pairs, corpus, teacher, out, tracker, show_progress=show_progress)
+
+
+def run_train_from_file(config_path: Path, output: Path | None = None, params_path: Path | None = None):
+    """`mixsp train --config FILE`: FILE is a training config (configs/*.yaml)."""
+    from mixsp_core.config import load_config
+    from mixsp_core.pipeline_config import REPO_ROOT, load_params
+
+    params = load_params(params_path or REPO_ROOT / "params.yaml")
+    return run_train(load_config(config_path), PipelinePaths(params.data.root_path()), output)

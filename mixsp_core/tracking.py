@@ -116,3 +116,22 @@ class MLflowTracker:
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= _PARAM_MAX else text[: _PARAM_MAX - 3] + "..."
+
+
+def tracker_for_run(config, out_dir: str | Path) -> Tracker:
+    """The tracker a training run should use: a :class:`NullTracker` when ``tracking.enabled`` is
+    false; the MLflow run recorded in ``out_dir/last/trainer_state.json`` when the run will resume
+    from there; otherwise a new MLflow run named after the config."""
+    if not config.tracking.enabled:
+        return NullTracker()
+    state_file = Path(out_dir) / "last" / "trainer_state.json"
+    if config.train.resume and state_file.is_file():
+        import json
+
+        try:
+            run_id = json.loads(state_file.read_text(encoding="utf-8")).get("tracking_run_id")
+        except (OSError, ValueError):
+            run_id = None  # run_training reports the broken file itself
+        if run_id:
+            return MLflowTracker(run_id=run_id)
+    return MLflowTracker(experiment=config.tracking.experiment, run_name=config.tracking.run_name or config.name)

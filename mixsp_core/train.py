@@ -15,6 +15,7 @@ trajectory on CPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from mixsp_core.config import RunConfig, dump_config, flatten
 from mixsp_core.data.table import eval_name
 from mixsp_core.errors import CheckpointError, ConfigError, DataError
-from mixsp_core.evaluate.plots import class_metrics, plot_class_histogram, plot_dev_curve
+from mixsp_core.evaluate.plots import plot_class_histogram, plot_dev_curve
 from mixsp_core.evaluate.sts import correlations, cosine_rows
 from mixsp_core.losses import (CoSENTLoss, DistillLoss, InfoNCELoss, ListwiseRankLoss, PearsonLoss, RankKLLoss,
                                RoutingLoss, ScoreBCELoss, fit_pca_projection)
@@ -82,6 +83,19 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+@dataclass
+class Progress:
+    """Where a run stands; saved in ``last/trainer_state.json`` and restored on resume."""
+
+    step: int = 0
+    best_metric: float = -math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -108,22 +122,45 @@ def select_pairs(pairs: pd.DataFrame, config: RunConfig) -> tuple[pd.DataFrame, 
 
 @dataclass(frozen=True)
 class BatchStream:
-    """Row indices of batch ``step`` of a dataset of ``size`` rows: a fresh seeded permutation per
-    epoch, cut into full batches (a pure function of seed and step, so resuming needs no state)."""
+    """Row indices of batch ``step``: a fresh seeded permutation per epoch, cut into full batches.
+
+    With ``groups`` (one label per row, e.g. the task), every batch holds rows of one group only and
+    the epoch's batches of all groups are shuffled together: STS-B's and SICK's gold scales mean
+    different things, so a ranking loss should not compare pairs across them. A pure function of
+    (seed, step), so resuming needs no state.
+    """
 
     size: int
     batch_size: int
     seed: int
     stream: int
+    groups: tuple[str, ...] | None = None
 
-    @property
+    @functools.cached_property
     def batches_per_epoch(self) -> int:
-        return max(1, self.size // self.batch_size)
+        if self.groups is None:
+            return max(1, self.size // self.batch_size)
+        counts = pd.Series(self.groups).value_counts()
+        return max(1, int(sum(max(1, n // self.batch_size) for n in counts)))
 
     def indices(self, step: int) -> np.ndarray:
         epoch, position = divmod(step, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)
-        return order[position * self.batch_size:(position + 1) * self.batch_size]
+        if self.groups is None:
+            order = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)
+            return order[position * self.batch_size:(position + 1) * self.batch_size]
+        return self._grouped_epoch(epoch)[position]
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a frozen, hashable dataclass: caching per epoch is safe
+    def _grouped_epoch(self, epoch: int) -> list[np.ndarray]:
+        labels = np.asarray(self.groups)
+        batches = []
+        for g, name in enumerate(sorted(set(self.groups))):
+            rows = np.flatnonzero(labels == name)
+            rows = rows[np.random.default_rng([self.seed, self.stream, epoch, g]).permutation(len(rows))]
+            count = max(1, len(rows) // self.batch_size)
+            batches += [rows[i * self.batch_size:(i + 1) * self.batch_size] for i in range(count)]
+        order = np.random.default_rng([self.seed, self.stream, epoch]).permutation(len(batches))
+        return [batches[i] for i in order]
 
 
 def load_triplets(config: RunConfig) -> pd.DataFrame:
@@ -261,18 +298,24 @@ def pair_scores(model, left: list[str], right: list[str], batch_size: int) -> np
 
 def evaluate_dev(model, dev: dict[str, pd.DataFrame], batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Spearman x100 per dev set plus ``primary`` (their mean), and the raw scores per set."""
-    metrics, scores = {}, {}
-    for name, frame in dev.items():
-        scores[name] = pair_scores(model, list(frame["sentence1"]), list(frame["sentence2"]), batch_size)
-        metrics[name] = correlations(scores[name], frame["score"].to_numpy())["spearman"]
+    scores = {name: pair_scores(model, list(frame["sentence1"]), list(frame["sentence2"]), batch_size)
+              for name, frame in dev.items()}
+    return dev_metrics(scores, dev), scores
+
+
+def dev_metrics(scores: dict[str, np.ndarray], dev: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """Spearman x100 of each dev set's scores against gold, and ``primary``: their mean (the selection
+    metric; with the default dev sets, the mean of STS-B dev and SICK trial)."""
+    metrics = {name: correlations(scores[name], frame["score"].to_numpy())["spearman"] for name, frame in dev.items()}
     metrics["primary"] = float(np.mean([metrics[name] for name in dev]))
-    return metrics, scores
+    return metrics
 
 
-def finish_report(model, dev: dict[str, pd.DataFrame], config: RunConfig, out: Path,
+def finish_report(scores: dict[str, np.ndarray], dev: dict[str, pd.DataFrame], config: RunConfig, out: Path,
                   history: list[dict[str, Any]], tracker: Tracker) -> tuple[dict[str, float], dict[str, dict]]:
-    """Final dev metrics of ``model``, MixSP's class measurements and the figures, logged."""
-    metrics, scores = evaluate_dev(model, dev, config.train.eval_batch_size)
+    """Dev metrics of the chosen model's ``scores`` (per dev set), MixSP's class measurements and the
+    figures; written to ``out/metrics.json`` and logged."""
+    metrics = dev_metrics(scores, dev)
     plots = out / "plots"
     per_class = {}
     for name, frame in dev.items():
@@ -322,7 +365,8 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
 
         tracker.log_params(flatten(config.to_dict()))
         encoder = Encoder(config.model.encoder, device=str(device))
-        metrics, per_class = finish_report(encoder, dev, config, out, [], tracker)
+        metrics, per_class = finish_report(evaluate_dev(encoder, dev, tc.eval_batch_size)[1], dev, config, out, [],
+                                           tracker)
         tracker.log_artifact(out / "run_config.yaml")
         tracker.finish()
         return TrainResult(out, None, 0, metrics, per_class, [], 0, 0.0, tracker.run_id)
@@ -331,7 +375,8 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
     gold_all = train["score"].to_numpy(dtype=np.float32)
     upper_all = gold_all >= config.data.upper_threshold
     class_counts = tuple(lc.routing_class_counts) or (max(1, int((~upper_all).sum())), max(1, int(upper_all.sum())))
-    pair_stream = BatchStream(len(train), tc.batch_size, config.seed, 0)
+    pair_stream = BatchStream(len(train), tc.batch_size, config.seed, 0,
+                              tuple(train["task"]) if tc.batch_by_task else None)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * pair_stream.batches_per_epoch))
     distill_sentences, targets, components = distill_targets(config, corpus, teacher_targets)
     distill_stream = BatchStream(len(distill_sentences), tc.distill_batch_size, config.seed, 1)
@@ -349,13 +394,12 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
         _init_output(model, config, train, distill_sentences, targets)
     optimizer = make_optimizer(model, config)
     scheduler = linear_schedule(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
-    step, best, best_step, waited, history, seconds = 0, -math.inf, 0, 0, [], 0.0
+    progress = Progress()
     if state:
         restore_optimizer(optimizer, state, state.pop("_tensors"), out / LAST_DIR)
         scheduler.load_state_dict(state["scheduler"])
-        step, best, best_step = state["step"], state["best_metric"], state["best_step"]
-        waited, history, seconds = state["evals_since_best"], state["history"], state["train_seconds"]
-        log.info("resuming %s from step %d", out, step)
+        progress = Progress(**{k: state[k] for k in Progress.__dataclass_fields__})
+        log.info("resuming %s from step %d", out, progress.step)
     objective = Objective(config, class_counts).to(device)
     use_amp = tc.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if tc.amp_dtype == "bf16" else torch.float16
@@ -364,13 +408,36 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
                         "derived.train_pairs": len(train), "derived.class_counts": list(class_counts),
                         "derived.device": str(device), "derived.distill_sentences": len(distill_sentences)})
 
+    best_scores: dict[str, np.ndarray] = {}  # the best model's dev scores, for the final report
+
+    def evaluate_and_checkpoint() -> None:
+        """Score the dev sets; keep the best model; write the resumable last/ checkpoint."""
+        metrics, scores = evaluate_dev(model, dev, tc.eval_batch_size)
+        progress.train_seconds = time.perf_counter() - started
+        progress.history.append({"step": progress.step, **metrics, "train_seconds": progress.train_seconds})
+        tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, progress.step)
+        if metrics["primary"] > progress.best_metric:
+            progress.best_metric, progress.best_step, progress.evals_since_best = metrics["primary"], progress.step, 0
+            best_scores.update(scores)
+            save_checkpoint(model, out / BEST_DIR, extra={"step": progress.step, "dev": metrics,
+                                                          "config": config.to_dict()})
+        else:
+            progress.evals_since_best += 1
+        progress.stopped_early = bool(tc.patience and progress.evals_since_best >= tc.patience)
+        if tc.save_last:
+            save_checkpoint(model, out / LAST_DIR, optimizer=optimizer, trainer_state={
+                **asdict(progress), "total_steps": total_steps, "scheduler": scheduler.state_dict(),
+                "config": config.to_dict(), "tracking_run_id": tracker.run_id})
+
     # ---- the loop
-    stopped_early = bool(state and state.get("stopped_early"))
     window: dict[str, list[float]] = defaultdict(list)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {config.name}", disable=not show_progress)
-    started = time.perf_counter() - seconds
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"train {config.name}", disable=not show_progress)
+    started = time.perf_counter() - progress.train_seconds
     try:
-        while step < total_steps and not stopped_early:
+        if progress.step == 0 and tc.eval_at_start:
+            evaluate_and_checkpoint()
+        while progress.step < total_steps and not progress.stopped_early:
+            step = progress.step
             model.train()
             idx = pair_stream.indices(step)
             gold = torch.as_tensor(gold_all[idx], device=device)
@@ -402,7 +469,7 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
             else:
                 optimizer.step()
             scheduler.step()
-            step += 1
+            progress.step = step = step + 1
             bar.update(1)
 
             window["loss"].append(float(loss.detach()))
@@ -414,37 +481,21 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
                 tracker.log_metrics(logged, step)
                 bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
                 window.clear()
-
             if step % tc.eval_every == 0 or step == total_steps:
-                metrics, _ = evaluate_dev(model, dev, tc.eval_batch_size)
-                seconds = time.perf_counter() - started
-                history.append({"step": step, **metrics, "train_seconds": seconds})
-                tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, step)
-                if metrics["primary"] > best:
-                    best, best_step, waited = metrics["primary"], step, 0
-                    save_checkpoint(model, out / BEST_DIR, extra={"step": step, "dev": metrics,
-                                                                  "config": config.to_dict()})
-                else:
-                    waited += 1
-                stopped_early = bool(tc.patience and waited >= tc.patience)
-                if tc.save_last:
-                    save_checkpoint(model, out / LAST_DIR, trainer_state={
-                        "step": step, "total_steps": total_steps, "best_metric": best, "best_step": best_step,
-                        "evals_since_best": waited, "history": history, "train_seconds": seconds,
-                        "stopped_early": stopped_early, "scheduler": scheduler.state_dict(),
-                        "config": config.to_dict(), "tracking_run_id": tracker.run_id,
-                    }, optimizer=optimizer)
+                evaluate_and_checkpoint()
     except BaseException:
         tracker.finish("KILLED")
         raise
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    history, best_step, step = progress.history, progress.best_step, progress.step
 
     # ---- the best model's report
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
-    best_model = load_checkpoint(out / BEST_DIR, device=device)
-    metrics, per_class = finish_report(best_model, dev, config, out, history, tracker)
+    if not best_scores:  # resumed after the best evaluation: score the saved best model again
+        best_scores.update(evaluate_dev(load_checkpoint(out / BEST_DIR, device=device), dev, tc.eval_batch_size)[1])
+    metrics, per_class = finish_report(best_scores, dev, config, out, history, tracker)
     tracker.log_metrics({"train_seconds": seconds, "best_step": best_step}, step)
     tracker.log_artifact(out / "run_config.yaml")
     tracker.log_artifact(out / "history.json")

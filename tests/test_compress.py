@@ -120,6 +120,17 @@ def test_whitening_gives_identity_covariance_on_fitting_data(method, vectors):
         assert not np.allclose(np.abs(out), np.abs(pca_white), atol=1e-2)
 
 
+@pytest.mark.parametrize("method", WHITENING_METHODS)
+def test_whitening_leaves_constant_dims_out(method, vectors):
+    # all-MiniLM-L6-v2 has dims that never vary; they cannot be whitened and carry no similarity signal.
+    data = np.insert(vectors[:, :16], 5, 0.25, axis=1)
+    white = WhiteningTransform(method).fit(data)
+    out = white.apply(data).astype(np.float64)
+    assert out.shape == (len(data), 16) and white.output_dim == 16
+    assert (white.weight[:, 5] == 0).all()
+    np.testing.assert_allclose(np.cov(out, rowvar=False), np.eye(16), atol=2e-3)
+
+
 def test_whitening_refuses_rank_deficient_embeddings(vectors):
     with pytest.raises(ConfigError, match="singular"):
         WhiteningTransform("zca").fit(vectors)

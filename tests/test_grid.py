@@ -63,7 +63,8 @@ def test_grid_cells_match_direct_evaluation(encoder, pairs, corpus, tmp_path):
     assert len(result.cells) == 2 * 3 * 3 and result.total_layers == 2 and result.width == 32
     for c in result.cells:
         assert set(c.tasks) == {"STSBenchmark-dev", "SICK-trial"}
-        assert c.bytes_per_vector == {"float32": 4 * c.dims, "int8": c.dims, "binary": math.ceil(c.dims / 8)}[c.vector_type]
+        sizes = {"float32": 4 * c.dims, "int8": c.dims, "binary": math.ceil(c.dims / 8)}
+        assert c.bytes_per_vector == sizes[c.vector_type]
         assert c.sentences_per_s > 0 and c.dev == pytest.approx(np.mean(list(c.tasks.values())), abs=1e-3)
     assert encoder.num_layers == 2 and encoder.model.config.num_hidden_layers == 2  # layers restored
 

@@ -14,12 +14,12 @@ def test_projector_widths_follow_mult():
     assert proj(torch.randn(3, 8)).shape == (3, 8)
 
 
-def test_residual_projector_adds_its_input():
+def test_residual_projector_starts_as_identity_and_adds_its_input():
     proj = Projector(4, mult=2, residual=True)
-    torch.nn.init.zeros_(proj.fc2.weight)
-    torch.nn.init.zeros_(proj.fc2.bias)
     x = torch.randn(5, 4)
-    assert torch.allclose(proj(x), x)
+    assert torch.equal(proj(x), x)
+    torch.nn.init.normal_(proj.fc2.weight)
+    assert torch.allclose(proj(x), x + proj.fc2(torch.relu(proj.fc1(x))))
 
 
 def test_router_gives_probabilities():

@@ -12,7 +12,9 @@ from mixsp_core.errors import CheckpointError, ConfigError
 from mixsp_core.models.checkpoint import load_checkpoint
 from mixsp_core.tracking import NullTracker
 from mixsp_core.train import BatchStream, Objective, run_training, select_pairs
-from tests.train_helpers import small_pairs, tiny_config
+from tests.train_helpers import one_thread, small_pairs, tiny_config
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,8 @@ def _train_loss(model, config, pairs) -> float:
 
 def test_a_few_steps_lower_the_loss(tiny_bert_dir, senteval_dir, tmp_path):
     pairs = small_pairs(senteval_dir, n_train=16)
-    config = tiny_config(tiny_bert_dir, train={"max_steps": 30, "eval_every": 15, "lr": 3e-3})
+    config = tiny_config(tiny_bert_dir, train={"max_steps": 30, "eval_every": 15, "lr": 3e-3,
+                                                "eval_at_start": True})
     from mixsp_core.models.checkpoint import build_model
 
     torch.manual_seed(config.seed)
@@ -45,6 +48,7 @@ def test_a_few_steps_lower_the_loss(tiny_bert_dir, senteval_dir, tmp_path):
     constant_level = np.log1p((gold[:, None] > gold[None, :]).sum())  # CoSENT when every cosine is equal
     assert after < 0.9 * before and after < constant_level - 0.3, (before, after, constant_level)
     assert result.steps == 30 and [s for s, _ in tracker.series("train/loss")][-1] == 30
+    assert [row["step"] for row in result.history] == [0, 15, 30]
     assert {"STSBenchmark-dev", "SICK-trial", "primary"} <= set(result.best_metrics)
     assert set(result.class_metrics) == {"STSBenchmark-dev", "SICK-trial"}
     assert (result.output_dir / "plots" / "dev-spearman.png").is_file()
@@ -151,3 +155,16 @@ def test_batch_stream_is_a_function_of_step():
     assert len(set(epoch0)) == 8  # no repeats inside an epoch
     assert np.array_equal(stream.indices(1), BatchStream(10, 4, 3, 0).indices(1))
     assert not np.array_equal(stream.indices(0), stream.indices(2))  # a new permutation next epoch
+
+
+def test_grouped_batches_never_mix_tasks():
+    groups = tuple(["A"] * 10 + ["B"] * 7)
+    stream = BatchStream(size=17, batch_size=3, seed=0, stream=0, groups=groups)
+    assert stream.batches_per_epoch == 3 + 2
+    seen = set()
+    for step in range(stream.batches_per_epoch):
+        rows = stream.indices(step)
+        assert len(rows) == 3 and len({groups[i] for i in rows}) == 1
+        seen.update(rows.tolist())
+    assert len(seen) == 15  # every full batch of the epoch, no repeats
+    assert np.array_equal(stream.indices(4), BatchStream(17, 3, 0, 0, groups).indices(4))

@@ -36,3 +36,15 @@ def tiny_config(encoder: Path, **sections) -> object:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values) if isinstance(values, dict) else raw.__setitem__(section, values)
     return config_from_dict(raw)
+
+
+def one_thread():
+    """Run torch on one thread for the duration of a test module and restore the setting afterwards:
+    tiny models gain nothing from a second thread, and on a busy 2-core machine its spin-waiting
+    made these tests several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

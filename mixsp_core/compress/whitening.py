@@ -13,7 +13,9 @@ inside a k-dim PCA subspace they coincide with PCA whitening up to a rotation (s
 reduced ZCA / Cholesky would only repeat it.
 
 Σ is the sample covariance (ddof=1, as ``np.cov``); ``eps`` is added to its eigenvalues (0: exact, and
-a singular covariance is an error).
+a singular covariance is an error). Constant ("dead") dims, whose variance is below 1e-10 of the largest,
+are left out first (their columns of W are zero): all-MiniLM-L6-v2 has three, and no whitening of them
+exists. Without ``dims`` the output therefore has one dim per live input dim.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mixsp_core.errors import ConfigError
 
 WHITENING_METHODS = ("pca", "zca", "pca-cor", "zca-cor", "cholesky")
 REDUCIBLE = ("pca", "pca-cor")
-# Eigenvalues below this fraction of the largest count as zero (a singular covariance).
+# Eigenvalues (or per-dim variances) below this fraction of the largest count as zero.
 _RANK_TOL = 1e-10
 
 
@@ -46,7 +48,7 @@ class WhiteningTransform(Transform):
 
     ``dims``: keep the first ``dims`` outputs (``pca`` / ``pca-cor`` only; None keeps all ``d``).
     ``eps``: ridge added to the eigenvalues. Fitting needs more rows than dims (a full-rank covariance
-    over the directions kept).
+    over the live dims, or over the top ``dims`` directions).
     """
 
     kind = "whitening"
@@ -82,14 +84,20 @@ class WhiteningTransform(Transform):
         x64 = x.astype(np.float64)
         mean = x64.mean(axis=0)
         sigma = np.cov(x64, rowvar=False)
-        self.weight = self._matrix(sigma, k, n).astype(np.float32)
+        var = np.diag(sigma)
+        live = np.flatnonzero(var > _RANK_TOL * max(var.max(), 1e-300))
+        if self.dims is None:
+            k = len(live)
+        elif k > len(live):
+            raise ConfigError("whitening.dims", f"{k} exceeds the {len(live)} non-constant dims of the fitting data")
+        weight = np.zeros((k, d))
+        weight[:, live] = self._matrix(sigma[np.ix_(live, live)], k, n)
+        self.weight = weight.astype(np.float32)
         self.mean = mean.astype(np.float32)
 
     def _matrix(self, sigma: np.ndarray, k: int, n: int) -> np.ndarray:
         if self.method in ("pca-cor", "zca-cor"):
-            var = np.diag(sigma).copy()
-            if (var <= 0).any():
-                raise ConfigError("whitening.method", f"{self.method}: {int((var <= 0).sum())} dims have zero variance")
+            var = np.diag(sigma)
             inv_sd = 1.0 / np.sqrt(var)
             corr = sigma * inv_sd[:, None] * inv_sd[None, :]
             theta, g = _eigh_desc(corr)
@@ -120,7 +128,8 @@ class WhiteningTransform(Transform):
         return (x - self.mean) @ self.weight.T
 
     def _output_dim(self, input_dim: int) -> int:
-        return input_dim if self.dims is None else self.dims
+        assert self.weight is not None
+        return int(self.weight.shape[0])
 
     def state(self) -> dict[str, np.ndarray]:
         assert self.weight is not None and self.mean is not None
@@ -129,8 +138,8 @@ class WhiteningTransform(Transform):
     def load_state(self, tensors: dict[str, np.ndarray], input_dim: int) -> None:
         weight = np.asarray(tensors["weight"], dtype=np.float32)
         mean = np.asarray(tensors["mean"], dtype=np.float32)
-        k = input_dim if self.dims is None else self.dims
-        if weight.shape != (k, input_dim) or mean.shape != (input_dim,):
+        k = weight.shape[0] if self.dims is None else self.dims
+        if weight.ndim != 2 or weight.shape != (k, input_dim) or mean.shape != (input_dim,) or k > input_dim:
             raise ValueError(f"whitening weight {weight.shape} / mean {mean.shape} do not fit "
                              f"{input_dim} -> {k} dims")
         self.weight, self.mean = weight, mean

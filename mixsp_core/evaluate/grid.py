@@ -58,7 +58,8 @@ class GridSpec:
             raise ConfigError("grid.dim_method", f"must be one of {DIM_METHODS}, got {self.dim_method!r}")
         bad = [v for v in self.vector_types if v not in VECTOR_TYPES]
         if bad or not self.vector_types:
-            raise ConfigError("grid.vector_types", f"must be a non-empty subset of {VECTOR_TYPES}, got {self.vector_types}")
+            raise ConfigError("grid.vector_types",
+                              f"must be a non-empty subset of {VECTOR_TYPES}, got {self.vector_types}")
         for name in ("layers", "dims"):
             values = getattr(self, name)
             if values is not None and (not values or any(int(v) < 1 for v in values)):
@@ -94,6 +95,16 @@ class GridResult:
                 "eval_sentences": self.eval_sentences, "fit_sentences": self.fit_sentences,
                 "cells": [asdict(c) for c in self.cells]}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GridResult:
+        """Rebuild a result from :meth:`to_dict`'s output (for example to re-plot a saved grid)."""
+        cells = [GridCell(**c) for c in data["cells"]]
+        return cls(**{**{k: v for k, v in data.items() if k != "cells"}, "cells": cells})
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> GridResult:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,13 +120,14 @@ class GridResult:
     def to_markdown(self) -> str:
         """One row per cell: Spearman per task, the dev mean, bytes per vector and sentences/s."""
         tasks = self.task_names
-        head = ["layers", "dims", "vector", *tasks, "dev", "bytes/vec", "sent/s"]
+        head = ["layers", "dims", "vector", *tasks, "dev", "bytes/vec", "sent/s", "transform"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
         for c in self.cells:
             scores = [f"{c.tasks[t]:.2f}" if t in c.tasks else "" for t in tasks]
             dev = f"{c.dev:.2f}" if c.dev is not None else ""
             lines.append("| " + " | ".join([str(c.layers), str(c.dims), c.vector_type, *scores, dev,
-                                            str(c.bytes_per_vector), f"{c.sentences_per_s:.0f}"]) + " |")
+                                            str(c.bytes_per_vector), f"{c.sentences_per_s:.0f}",
+                                            c.transform]) + " |")
         return "\n".join(lines)
 
     def plot(self, path: str | Path, metric: str = "dev") -> Path:
@@ -135,11 +147,14 @@ class GridResult:
                 ys = [c.dev if metric == "dev" else c.tasks.get(metric) for c in cells]
                 ax.plot([c.dims for c in cells], ys, marker="o", label=f"{layers} layers")
             ax.set_xscale("log", base=2)
+            ticks = sorted({c.dims for c in self.cells})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("dims")
             ax.set_title(vtype)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel(f"Spearman x100 ({metric})")
-        axes[0][-1].legend(loc="lower right", fontsize=8)
+        axes[0][-1].legend(loc="best", fontsize=8)
         fig.suptitle(self.model, fontsize=9)
         fig.tight_layout()
         path = Path(path)

@@ -5,8 +5,10 @@ For each variant an exact (brute-force) index is built over the corpus in the va
 with the full-dimension float32 model's exact top-k (cosine). Queries per second (search only, numpy on
 this machine, queries in blocks) and the index's memory are reported beside it.
 
-Scoring per stored form: float32 by cosine; int8 by cosine against the decoded vectors (asymmetric:
-float queries, int8 codes, as FAISS's SQ8); binary by Hamming distance between packed bits.
+Scoring per stored form: float32 by cosine (rows stored unit length); int8 by cosine against the
+decoded vectors (asymmetric: float queries, int8 codes, as FAISS's SQ8; the decoded norms are kept
+beside the codes); binary by Hamming distance between packed bits. Index memory counts the stored
+vectors only (int8's norms add 4 bytes per vector, the quantiser's per-dim ranges 8 bytes per dim).
 """
 
 from __future__ import annotations
@@ -53,51 +55,57 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k largest scores of each row, best first."""
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.take_along_axis(-scores, part, axis=1).argsort(axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
-
-
 def _stream_top_k(n: int, n_queries: int, k: int, score_block: Callable[[int, int], np.ndarray],
                   row_bytes: int) -> np.ndarray:
-    """Exact top-k over corpus rows 0..n, scored in blocks ``score_block(lo, hi) -> (q, hi - lo)``
-    (higher is better), keeping a running best k per query: memory stays bounded for any corpus.
-    ``row_bytes``: working bytes per (query, corpus row) cell, to size the blocks."""
+    """Exact top-k (q, k) over corpus rows 0..n, best first, scored in blocks
+    ``score_block(lo, hi) -> (q, hi - lo)`` (higher is better) and merged into a running best k per query,
+    so memory stays bounded for any corpus. ``row_bytes``: working bytes per (query, row) cell.
+
+    Selection uses ``torch.topk`` (multi-threaded on CPU), which dominates numpy's argpartition here.
+    """
+    import torch
+
     block = max(k, _BLOCK_BYTES // max(1, row_bytes * n_queries))
-    best_scores = np.full((n_queries, 0), -np.inf, dtype=np.float32)
-    best_ids = np.zeros((n_queries, 0), dtype=np.int64)
+    best_scores = torch.empty((n_queries, 0), dtype=torch.float32)
+    best_ids = torch.empty((n_queries, 0), dtype=torch.int64)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        scores = np.concatenate([best_scores, score_block(lo, hi).astype(np.float32)], axis=1)
-        ids = np.concatenate([best_ids, np.broadcast_to(np.arange(lo, hi), (n_queries, hi - lo))], axis=1)
-        keep = _top_k(scores, k)
-        best_scores = np.take_along_axis(scores, keep, axis=1)
-        best_ids = np.take_along_axis(ids, keep, axis=1)
-    return best_ids
+        scores = torch.from_numpy(np.ascontiguousarray(score_block(lo, hi), dtype=np.float32))
+        values, ids = scores.topk(min(k, hi - lo), dim=1)
+        values = torch.cat([best_scores, values], dim=1)
+        ids = torch.cat([best_ids, ids + lo], dim=1)
+        keep = values.topk(min(k, values.shape[1]), dim=1).indices
+        best_scores, best_ids = values.gather(1, keep), ids.gather(1, keep)
+    return best_ids.numpy()
 
 
-def search_float(index: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact cosine top-k (q, k) of each query over float32 ``index`` rows."""
-    index = _normalize(as_matrix(index, "index"))
+def search_float(index: np.ndarray, queries: np.ndarray, k: int, normalized: bool = False) -> np.ndarray:
+    """Exact cosine top-k (q, k) of each query over float32 ``index`` rows (``normalized``: the rows
+    are already unit length, as an index stores them)."""
+    index = as_matrix(index, "index") if normalized else _normalize(as_matrix(index, "index"))
     queries = _normalize(as_matrix(queries, "queries"))
     return _stream_top_k(len(index), len(queries), k, lambda lo, hi: queries @ index[lo:hi].T, 16)
 
 
-def search_int8(codes: np.ndarray, quantizer: Int8Quantizer, queries: np.ndarray, k: int) -> np.ndarray:
+def int8_norms(codes: np.ndarray, quantizer: Int8Quantizer) -> np.ndarray:
+    """Norms of the decoded vectors, kept beside the codes (4 bytes per vector) for cosine search."""
+    return np.concatenate([np.linalg.norm(quantizer.dequantize(codes[i:i + 65536]), axis=1)
+                           for i in range(0, len(codes), 65536)]).astype(np.float32)
+
+
+def search_int8(codes: np.ndarray, quantizer: Int8Quantizer, queries: np.ndarray, k: int,
+                norms: np.ndarray | None = None) -> np.ndarray:
     """Exact cosine top-k against the decoded int8 vectors, computed from the codes block by block:
-    q·decode(c) = (q * step)·c + q·(128 * step + low), divided by the decoded vector's norm."""
+    q·decode(c) = (q * step)·c + q·(128 * step + low), divided by the decoded vector's norm
+    (``norms`` from :func:`int8_norms`, computed here when not given)."""
     assert quantizer.step is not None and quantizer.low is not None
     queries = as_matrix(queries, "queries")
+    inv_norms = 1.0 / np.maximum(int8_norms(codes, quantizer) if norms is None else norms, 1e-12)
     scaled = queries * quantizer.step
     offset = (queries @ (128.0 * quantizer.step + quantizer.low))[:, None]
 
     def score(lo: int, hi: int) -> np.ndarray:
-        block = codes[lo:hi].astype(np.float32)
-        norms = np.linalg.norm((block + 128.0) * quantizer.step + quantizer.low, axis=1)
-        return (scaled @ block.T + offset) / np.maximum(norms, 1e-12)[None, :]
+        return (scaled @ codes[lo:hi].T.astype(np.float32) + offset) * inv_norms[None, lo:hi]
 
     return _stream_top_k(len(codes), len(queries), k, score, 16)
 
@@ -115,34 +123,44 @@ def search_binary(packed_index: np.ndarray, packed_queries: np.ndarray, k: int) 
     index = _as_words(packed_index)
     queries = _as_words(packed_queries)
 
+    columns = [np.ascontiguousarray(index[:, w]) for w in range(index.shape[1])]
+
     def score(lo: int, hi: int) -> np.ndarray:
-        distance = np.bitwise_count(queries[:, None, :] ^ index[None, lo:hi, :]).sum(axis=2, dtype=np.int32)
+        # One 64-bit word at a time: 2-D XOR + popcount, no (q, rows, words) cube.
+        distance = np.zeros((len(queries), hi - lo), dtype=np.int32)
+        for w, column in enumerate(columns):
+            distance += np.bitwise_count(queries[:, w, None] ^ column[None, lo:hi])
         return -distance
 
-    return _stream_top_k(len(index), len(queries), k, score, 8 * index.shape[1] + 16)
+    return _stream_top_k(len(index), len(queries), k, score, 32)
 
 
 def _search_variant(variant: Variant, k: int) -> tuple[np.ndarray, float, int, int, str]:
     """(top-k ids, search seconds, index bytes, dims, vector type) of one variant."""
     chain = variant.chain
     if chain is None:
-        index = as_matrix(variant.corpus, f"{variant.name}.corpus")
+        index = _normalize(as_matrix(variant.corpus, f"{variant.name}.corpus"))
         start = time.perf_counter()
-        ids = search_float(index, variant.queries, k)
+        ids = search_float(index, variant.queries, k, normalized=True)
         return ids, time.perf_counter() - start, index.nbytes, index.shape[1], "float32"
     head = chain.steps[:-1]
     last = chain.steps[-1]
     corpus, queries = variant.corpus, variant.queries
     for step in head:
         corpus, queries = step.apply(corpus), step.apply(queries)
+    # Index build (not timed): what the index stores, plus int8's decoded norms.
     stored = last.store(corpus)
-    start = time.perf_counter()
     if isinstance(last, Int8Quantizer):
-        ids = search_int8(stored, last, queries, k)
+        norms = int8_norms(stored, last)
+        start = time.perf_counter()
+        ids = search_int8(stored, last, queries, k, norms=norms)
     elif isinstance(last, BinaryQuantizer):
+        start = time.perf_counter()
         ids = search_binary(stored, last.pack(queries), k)
     else:
-        ids = search_float(stored, last.apply(queries), k)
+        stored = _normalize(stored)
+        start = time.perf_counter()
+        ids = search_float(stored, last.apply(queries), k, normalized=True)
     return ids, time.perf_counter() - start, stored.nbytes, chain.output_dim, chain.vector_type
 
 

@@ -134,7 +134,3 @@ class CrossScorer(nn.Module):
                     show_progress: bool = False) -> np.ndarray:
         """``predict`` over two aligned lists of sentences."""
         return self.predict(list(zip(left, right)), batch_size=batch_size, show_progress=show_progress)
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters added on top of the encoder (router, projectors, score head)."""
-        return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]

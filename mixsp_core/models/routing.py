@@ -24,13 +24,21 @@ LOWER, UPPER = 0, 1
 
 
 class Projector(nn.Module):
-    """MLP ``d_in -> hidden -> d_out`` with ReLU; with ``residual`` the input is added to the output."""
+    """MLP ``d -> mult*d -> d`` with ReLU (published).
+
+    With ``residual`` the input is added to the output and the last layer starts at zero, so the
+    projector starts as the identity: a pretrained encoder's embedding passes unchanged at step 0
+    instead of through a random MLP (the project's option for the ``bi`` student; not published).
+    """
 
     def __init__(self, dim: int, mult: int = 10, residual: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, dim * mult)
         self.fc2 = nn.Linear(dim * mult, dim)
         self.residual = residual
+        if residual:
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fc2(torch.relu(self.fc1(x)))

@@ -186,9 +186,6 @@ class BiStudent(nn.Module):
         b = vectors[[row[s] for s in right]]
         return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters added on top of the encoder (router, projectors, output layer)."""
-        return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
 
 
 # --------------------------------------------------------------------------- output-layer initialisation
