@@ -38,7 +38,9 @@ $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
 	printf 'telemetry:\n  enabled: false\n' > $@
 
-## make run [DATA=SPEC]: materialise the asset graph on the embedded defaults (SQLite, local DVC cache).
+## make run [DATA=SPEC]: materialise the asset graph on the embedded defaults (SQLite, local DVC cache),
+## then `dvc commit` the outputs (dvc.lock) and log the hashes to MLflow. DVC's stages call `mixsp`: the venv is on PATH.
+run: export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m pipelines.run $(if $(DATA),--data '$(DATA)')
 
@@ -47,6 +49,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 ## make ui: Dagster webserver and MLflow UI on localhost.
+ui: export PATH := $(CURDIR)/$(BIN):$(PATH)
 ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m pipelines.ui
 

@@ -4,8 +4,13 @@
     mixsp prepare  [--data SPEC] [--config params.yaml]       # pairs table + corpus, validated
     mixsp teacher  [--config params.yaml]                      # teacher embeddings of the corpus (cached)
     mixsp encode   --model MODEL --input SENTENCES.txt --output OUT.npy [--dims K] [--batch-size N] [--device D]
-    mixsp evaluate --model MODEL --data SPEC [--json OUT]
-    mixsp train    --config FILE
+    mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
+    mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
+    mixsp train    --config FILE                              # FILE: a training config (configs/*.yaml),
+                                                              #   or params.yaml: the pipeline's student
+    mixsp compress --config params.yaml                       # compressed variants of the student
+    mixsp merge    --config params.yaml                       # merged snapshots, best on dev kept
+    mixsp promote  --config params.yaml                       # registry version; champion alias if better
 """
 
 from __future__ import annotations
@@ -33,14 +38,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.success else 1
 
 
+def _load(model: str, device: str | None, dims: int | None):
+    """A model for encode / evaluate: with ``--dims`` the plain loader (prefix dims); otherwise a saved
+    transform (compressed models, the champion) is applied on top."""
+    from mixsp_core.models.checkpoint import load_embedder
+    from mixsp_core.stages import load_pipeline_embedder
+
+    return load_embedder(model, device=device, dims=dims) if dims else load_pipeline_embedder(model, device=device)
+
+
 def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mixsp_core.data.corpus import read_corpus
-    from mixsp_core.models.checkpoint import load_embedder
 
     sentences = read_corpus(Path(args.input), allow_empty_lines=False)
-    embedder = load_embedder(args.model, device=args.device, dims=args.dims)
+    embedder = _load(args.model, args.device, args.dims)
     vectors = np.asarray(embedder.encode(sentences, batch_size=args.batch_size), dtype=np.float32)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     np.save(args.output, vectors)
@@ -48,20 +61,92 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str | None) -> list[int] | None:
+    return [int(v) for v in text.split(",")] if text else None
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.config:
+        from mixsp_core.pipeline_config import load_params
+        from mixsp_core.stages import run_evaluate
+
+        report = run_evaluate(load_params(Path(args.config)))
+        print(Path(report["files"]["markdown"]).read_text())
+        print(f"best: {report['best']} (dev {report['best_dev']:.2f}) -> {report['best_path']}")
+        return 0
+    if not (args.model and args.data):
+        raise _usage("evaluate needs --model and --data (or --config params.yaml)")
     from mixsp_core.data.sources import load_pairs
     from mixsp_core.evaluate.sts import evaluate_embedder, format_table
-    from mixsp_core.models.checkpoint import load_embedder
 
     pairs = load_pairs(args.data)
     pairs = pairs[pairs["split"] != "train"] if not args.include_train else pairs
-    embedder = load_embedder(args.model, device=args.device, dims=args.dims)
+    if args.grid:
+        return _grid(args, pairs)
+    embedder = _load(args.model, args.device, args.dims)
     result = evaluate_embedder(embedder, pairs, model=args.model, batch_size=args.batch_size)
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _grid(args: argparse.Namespace, pairs) -> int:
+    """`mixsp evaluate --grid`: every (layers, dims, vector type) cell; table, JSON and plot."""
+    from mixsp_core.data.corpus import read_corpus
+    from mixsp_core.evaluate.grid import GridSpec, run_grid
+    from mixsp_core.models.checkpoint import load_embedder
+
+    if args.corpus:
+        corpus = read_corpus(Path(args.corpus))
+    else:  # fit on the training sentences when no corpus is given (never on the evaluated pairs)
+        from mixsp_core.data.sources import load_pairs
+
+        train = load_pairs(args.data)
+        train = train[train["split"] == "train"]
+        corpus = list(dict.fromkeys([*train["sentence1"], *train["sentence2"]]))
+    spec = GridSpec(layers=_ints(args.layers), dims=_ints(args.dims_grid),
+                    vector_types=args.vector_types.split(","), dim_method=args.dim_method,
+                    batch_size=args.batch_size)
+    result = run_grid(load_embedder(args.model, device=args.device), pairs, corpus[: args.fit_sentences], spec,
+                      model=args.model)
+    print(result.to_markdown())
+    out = result.write(Path(args.output_dir), "grid")
+    if args.json:
+        result.save_json(args.json)
+    print("\n".join(f"{kind}: {path}" for kind, path in out.items()))
+    return 0
+
+
+def _usage(message: str) -> Exception:
+    from mixsp_core.errors import ConfigError
+
+    return ConfigError("argv", message)
+
+
+def _params_cmd(stage: str):
+    """`mixsp compress|merge|promote --config params.yaml`: one pipeline stage, its summary printed."""
+    def run(args: argparse.Namespace) -> int:
+        from mixsp_core import stages
+        from mixsp_core.pipeline_config import load_params
+
+        result = getattr(stages, f"run_{stage}")(load_params(Path(args.config)))
+        print(result.summary())
+        return 0
+    return run
+
+
+def _is_params_file(path: Path) -> bool:
+    """params.yaml (``train: {config: ...}``) rather than a training config (``train: {epochs: ...}``)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports the file properly
+    train = raw.get("train") if isinstance(raw, dict) else None
+    return isinstance(train, dict) and "config" in train
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -87,6 +172,14 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from mixsp_core.stages import run_train_from_file
 
+    if _is_params_file(Path(args.config)):
+        from mixsp_core.pipeline_config import load_params
+        from mixsp_core.stages import run_student
+
+        if args.output:
+            raise _usage("--output does not apply to params.yaml: the student goes to data/models/student")
+        print(run_student(load_params(Path(args.config))).summary())
+        return 0
     result = run_train_from_file(Path(args.config), output=Path(args.output) if args.output else None)
     print(result.summary())
     return 0
@@ -112,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("encode", "embed one sentence per line into an .npy matrix"),
                            ("evaluate", "STS Spearman of a model on every task present")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", required=True, help="Hub id or a directory this project saved")
+        p.add_argument("--model", required=name == "encode", help="Hub id or a directory this project saved")
         p.add_argument("--dims", type=int, default=None, help="keep the first K dimensions (re-normalised)")
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -121,15 +214,33 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", required=True)
             p.set_defaults(func=_cmd_encode)
         else:
-            p.add_argument("--data", required=True)
+            p.add_argument("--data", default=None)
             p.add_argument("--json", default=None, help="also write the results as JSON here")
             p.add_argument("--include-train", action="store_true", help="also score training splits")
+            p.add_argument("--config", default=None,
+                           help="params.yaml: the pipeline's evaluate stage (every variant on dev)")
+            p.add_argument("--grid", action="store_true", help="evaluate every (layers, dims, vector type) cell")
+            p.add_argument("--layers", default=None, help="grid: layer counts, e.g. 2,4,6 (default: full depth)")
+            p.add_argument("--grid-dims", dest="dims_grid", default="32,64,128,256,384", help="grid: dims")
+            p.add_argument("--vector-types", default="float32,int8,binary", help="grid: vector types")
+            p.add_argument("--dim-method", default="pca", choices=("pca", "truncate"),
+                           help="grid: post-hoc PCA, or prefixes (Matryoshka-trained models)")
+            p.add_argument("--corpus", default=None, help="grid: sentences to fit PCA / int8 on (one per line)")
+            p.add_argument("--fit-sentences", type=int, default=5000)
+            p.add_argument("--output-dir", default="data/reports", help="grid: where grid.json/.md/.png go")
             p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("train", help="train a student (bi) or MixSP scorer (cross) from a config file")
     p.add_argument("--config", required=True)
     p.add_argument("--output", default=None, help="checkpoint directory (default: from the config)")
     p.set_defaults(func=_cmd_train)
+
+    for stage, helptext in (("compress", "compress stage: PCA / int8 variants of the student (params.yaml)"),
+                            ("merge", "merge stage: soups and delta-guided fusion of the run's snapshots"),
+                            ("promote", "promote stage: register the evaluated best; move 'champion' if better")):
+        p = sub.add_parser(stage, help=helptext)
+        p.add_argument("--config", default="params.yaml")
+        p.set_defaults(func=_params_cmd(stage))
     return parser
 
 

@@ -11,8 +11,10 @@ Layout of a config file (every section and field optional; defaults below)::
     output_dir: data/models/bi-mixsp-hard
     model: {kind: bi, encoder: sentence-transformers/all-MiniLM-L6-v2, num_projectors: 2, routing: hard, ...}
     data: {train_tasks: [STSBenchmark, SICKRelatedness], dev_sets: [STSBenchmark-dev, SICK-trial], ...}
-    loss: {cosent: 1.0, routing: 0.1, distill: 0.0, ...}
-    train: {epochs: 1, batch_size: 16, lr: 5.0e-5, ...}
+    loss: {cosent: 1.0, routing: 0.1, distill: 0.0, matryoshka: 0.0, layers: 0.0, ese_alignment: 0.0, ...}
+    train: {epochs: 1, batch_size: 16, lr: 5.0e-5, snapshot_every: 0, num_threads: 0, ...}
+
+Under torchrun the batch sizes are global (all processes together) and must divide by the process count.
     tracking: {experiment: mixsp, ...}
 """
 
@@ -114,10 +116,24 @@ class LossConfig:
     distill: float = 0.0  # HPD: MSE(student, PCA_k(teacher))
     infonce: float = 0.0
     infonce_temperature: float = 0.05
+    # Trained-in compression (bi only; mixsp_core.losses.matryoshka). A = the weighted STS terms above.
+    matryoshka: float = 0.0  # weight of sum_k A(e[:k]) over matryoshka_dims smaller than the embedding
+    matryoshka_dims: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    layers: float = 0.0  # 2DMSE: weight of w_i * [A(e_i) + prefixes + alignment] for an earlier layer i
+    layer_mode: str = "sample"  # sample: one earlier layer per step (2DMSE); all: mean over all (ESE)
+    ese_alignment: float = 0.0  # ESE: weight of D(e[:ese_dim], PCA_ese_dim(e)) (and inside the layer term)
+    ese_dim: int = 64
 
     def validate(self, prefix: str = "loss") -> None:
-        for name in ("cosent", "pearson", "rank_kl", "listwise", "score_bce", "routing", "distill", "infonce"):
+        for name in _LOSS_TERMS:
             _at_least(f"{prefix}.{name}", getattr(self, name), 0.0)
+        if any(k < 1 for k in self.matryoshka_dims) or len(set(self.matryoshka_dims)) != len(self.matryoshka_dims):
+            raise ConfigError(f"{prefix}.matryoshka_dims", f"must be distinct positive integers, got "
+                              f"{self.matryoshka_dims}")
+        if self.matryoshka > 0 and not self.matryoshka_dims:
+            raise ConfigError(f"{prefix}.matryoshka_dims", "must list prefix sizes when loss.matryoshka > 0")
+        _choice(f"{prefix}.layer_mode", self.layer_mode, ("sample", "all"))
+        _at_least(f"{prefix}.ese_dim", self.ese_dim, 1)
         for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
@@ -133,7 +149,7 @@ class TrainConfig:
 
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 16  # pairs per step
+    batch_size: int = 16  # pairs per step (global: all torchrun processes together)
     batch_by_task: bool = True  # each pair batch from one task (gold scales differ between tasks)
     distill_batch_size: int = 32  # corpus sentences per step (when loss.distill > 0)
     nli_batch_size: int = 16  # triplets per step (when loss.infonce > 0)
@@ -153,6 +169,8 @@ class TrainConfig:
     save_last: bool = True  # keep a resumable checkpoint (last/) at every evaluation
     resume: bool = True  # continue from output_dir/last when it exists
     output_init_sentences: int = 2000  # sentences used to fit a pca/teacher output init
+    snapshot_every: int = 0  # steps; > 0 writes snapshots/step-N/ (weights only) and start/ (step 0), for merging
+    num_threads: int = 0  # torch.set_num_threads for the run; 0: torch's default
 
     def validate(self, prefix: str = "train") -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -169,6 +187,8 @@ class TrainConfig:
         _at_least(f"{prefix}.weight_decay", self.weight_decay, 0.0)
         _at_least(f"{prefix}.grad_clip", self.grad_clip, 0.0)
         _at_least(f"{prefix}.patience", self.patience, 0)
+        _at_least(f"{prefix}.snapshot_every", self.snapshot_every, 0)
+        _at_least(f"{prefix}.num_threads", self.num_threads, 0)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{prefix}.warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
         _choice(f"{prefix}.amp_dtype", self.amp_dtype, ("bf16", "fp16"))
@@ -237,6 +257,15 @@ class RunConfig:
             raise ConfigError("model.output_init", "'teacher' needs teacher targets: set loss.distill > 0")
         if loss.infonce > 0 and not self.data.nli:
             raise ConfigError("loss.infonce", "needs NLI triplets: set data.nli: true")
+        compression = [name for name in _COMPRESSION_TERMS if getattr(loss, name) > 0]
+        if compression and kind != "bi":
+            raise ConfigError(f"loss.{compression[0]}", "trained-in compression applies to the bi student only")
+        if compression and not any(getattr(loss, name) > 0 for name in _STS_TERMS):
+            raise ConfigError(f"loss.{compression[0]}", "needs an STS term to apply to prefixes and layers "
+                              "(cosent, pearson, rank_kl or listwise > 0)")
+        width = self.model.output_dim
+        if loss.ese_alignment > 0 and width and loss.ese_dim >= width:
+            raise ConfigError("loss.ese_dim", f"must be smaller than model.output_dim ({width}), got {loss.ese_dim}")
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("data") / "models" / self.name
@@ -245,7 +274,9 @@ class RunConfig:
         return asdict(self)
 
 
-_LOSS_TERMS = ("cosent", "pearson", "rank_kl", "listwise", "score_bce", "routing", "distill", "infonce")
+_STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) of a batch of pairs
+_COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
+_LOSS_TERMS = (*_STS_TERMS, "score_bce", "routing", "distill", "infonce", *_COMPRESSION_TERMS)
 
 
 # --------------------------------------------------------------------------- building from dicts

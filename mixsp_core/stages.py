@@ -48,6 +48,27 @@ class PipelinePaths:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def student(self) -> Path:
+        """The pipeline's training run (best/, last/, snapshots/step-N/, metrics.json, plots/)."""
+        return self.models / "student"
+
+    @property
+    def compressed(self) -> Path:
+        return self.models / "compressed"
+
+    @property
+    def merged(self) -> Path:
+        return self.models / "merged"
+
+    @property
+    def champion(self) -> Path:
+        return self.models / "champion"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.reports / "evaluation.json"
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename over ``path`` in one step."""
@@ -180,3 +201,19 @@ def run_train_from_file(config_path: Path, output: Path | None = None, params_pa
 
     params = load_params(params_path or REPO_ROOT / "params.yaml")
     return run_train(load_config(config_path), PipelinePaths(params.data.root_path()), output)
+
+
+# --------------------------------------------------------------------------- stage 2: train .. promote
+# The pipeline's own training run (`mixsp train --config params.yaml`, the `student` asset) and the
+# stages after it live in mixsp_core.pipeline_stages (which imports this module); they are re-exported
+# here lazily so every stage is reachable as ``mixsp_core.stages.run_<stage>``.
+_STAGE2 = ("CompressResult", "MergeStageResult", "load_pipeline_embedder", "run_compress", "run_evaluate",
+           "run_merge", "run_promote", "run_student", "student_config")
+
+
+def __getattr__(name: str):
+    if name in _STAGE2:
+        from mixsp_core import pipeline_stages
+
+        return getattr(pipeline_stages, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -120,9 +120,12 @@ def _param_value(value: Any) -> str:
 
 def tracker_for_run(config, out_dir: str | Path) -> Tracker:
     """The tracker a training run should use: a :class:`NullTracker` when ``tracking.enabled`` is
-    false; the MLflow run recorded in ``out_dir/last/trainer_state.json`` when the run will resume
-    from there; otherwise a new MLflow run named after the config."""
-    if not config.tracking.enabled:
+    false or on a torchrun rank other than 0; the MLflow run recorded in
+    ``out_dir/last/trainer_state.json`` when the run will resume from there; otherwise a new MLflow run
+    named after the config."""
+    from mixsp_core.distributed import is_main_process
+
+    if not config.tracking.enabled or not is_main_process():  # under torchrun only rank 0 records
         return NullTracker()
     state_file = Path(out_dir) / "last" / "trainer_state.json"
     if config.train.resume and state_file.is_file():

@@ -11,6 +11,13 @@ evaluations without improvement.
 Batches are a pure function of (seed, step), so a resumed run draws exactly the batches the
 uninterrupted run would have drawn; with the RNG and optimizer state restored it continues the same
 trajectory on CPU.
+
+With ``train.snapshot_every`` the run also saves ``start/`` (the step-0 model: the merge start theta_0)
+and weights-only ``snapshots/step-N/``, the "epochs of one run" that :mod:`mixsp_core.merge` soups.
+Trained-in compression (Matryoshka prefixes, 2DMSE earlier layers, ESE alignment) are terms of
+:class:`Objective`. Under ``torchrun`` the same loop runs data-parallel (:mod:`mixsp_core.distributed`):
+each rank encodes its slice of the global batch, the losses see the gathered global batch, and only
+rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,22 +41,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mixsp_core.config import RunConfig, dump_config, flatten
+from mixsp_core.config import RunConfig, config_from_dict, dump_config, flatten
 from mixsp_core.data.table import eval_name
 from mixsp_core.errors import CheckpointError, ConfigError, DataError
 from mixsp_core.evaluate.plots import plot_class_histogram, plot_dev_curve
 from mixsp_core.evaluate.sts import correlations, cosine_rows
 from mixsp_core.losses import (CoSENTLoss, DistillLoss, InfoNCELoss, ListwiseRankLoss, PearsonLoss, RankKLLoss,
                                RoutingLoss, ScoreBCELoss, fit_pca_projection)
+from mixsp_core.losses.matryoshka import MatryoshkaLoss, alignment_loss, ese_pca, layer_weight
 from mixsp_core.models.checkpoint import (build_model, load_checkpoint, read_trainer_state, restore_optimizer,
                                           save_checkpoint)
+from mixsp_core.distributed import DistContext, setup, weights_digest
 from mixsp_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
-BEST_DIR, LAST_DIR = "best", "last"
+BEST_DIR, LAST_DIR, START_DIR, SNAPSHOT_DIR = "best", "last", "start", "snapshots"
 # settings that may change between an interrupted run and its resumption without changing the run
-_RESUME_FREE = {"train.resume", "train.device", "train.eval_batch_size", "train.log_every", "output_dir"}
+_RESUME_FREE = {"train.resume", "train.device", "train.eval_batch_size", "train.log_every", "output_dir",
+                "train.num_threads", "train.snapshot_every"}
 
 
 @dataclass
@@ -66,6 +76,7 @@ class TrainResult:
     train_seconds: float
     run_id: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
+    weights_digest: str | None = None  # SHA-256 of the final weights (equal on every rank of a DDP run)
 
     def summary(self) -> str:
         lines = [f"output: {self.output_dir}", f"best checkpoint: {self.best_checkpoint} (step {self.best_step})",
@@ -74,6 +85,10 @@ class TrainResult:
         for name, cm in self.class_metrics.items():
             lines.append(f"  {name}: overlap {_fmt(cm['overlap'], '.3f')}, Spearman upper "
                          f"{_fmt(cm['spearman_upper'])}, lower {_fmt(cm['spearman_lower'])}")
+        snapshots = self.output_dir / SNAPSHOT_DIR
+        if snapshots.is_dir():
+            lines.append(f"snapshots: {len(list(snapshots.glob('step-*')))} in {snapshots} (start: "
+                         f"{self.output_dir / START_DIR})")
         if self.run_id:
             lines.append(f"MLflow run: {self.run_id}")
         return "\n".join(lines)
@@ -239,16 +254,35 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) over a batch of pairs
+LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "infonce", "matryoshka", "layers", "ese_alignment")
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _no_gather(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class Objective(nn.Module):
-    """The weighted sum of the configured loss terms for one step; returns the total and each term."""
+    """The weighted sum of the configured loss terms for one step; returns the total and each term.
+
+    Each ``*_terms`` method runs the forward pass on this process's rows and passes what the losses
+    need through ``gather`` (identity in one process; :meth:`mixsp_core.distributed.DistContext.gather`
+    under torchrun), so every term is computed on the global batch. ``forward`` is what runs the model
+    (the DDP wrapper when distributed; ``model`` itself by default).
+
+    Trained-in compression (bi only), with A = the weighted sum of the STS terms:
+    ``matryoshka``: sum over prefix sizes k of A(e[:k]); ``ese_alignment``: ESE's D(e[:m], PCA_m(e));
+    ``layers``: 2DMSE's layer-weighted [A(e_i) + prefixes + alignment] on the embedding from an earlier
+    encoder layer i, drawn per step from (seed, step) (``layer_mode: sample``) or all layers averaged (``all``).
+    """
 
     def __init__(self, config: RunConfig, class_counts: tuple[int, int]):
         super().__init__()
         lc = config.loss
-        self.weights = {name: getattr(lc, name) for name in
-                        ("cosent", "pearson", "rank_kl", "listwise", "score_bce", "routing", "distill", "infonce")
-                        if getattr(lc, name) > 0}
+        self.weights = {name: getattr(lc, name) for name in LOSS_TERMS if getattr(lc, name) > 0}
         self.threshold = config.data.upper_threshold
+        self.seed = config.seed
         self.cosent = CoSENTLoss(lc.cosent_scale)
         self.pearson = PearsonLoss()
         self.rank_kl = RankKLLoss(lc.rank_kl_temperature)
@@ -257,26 +291,72 @@ class Objective(nn.Module):
         self.routing = RoutingLoss(class_counts)
         self.distill = DistillLoss()
         self.infonce = InfoNCELoss(lc.infonce_temperature)
+        self.layer_mode, self.ese_dim = lc.layer_mode, lc.ese_dim
+        # prefixes only: the full-width term is the STS terms themselves
+        self.prefixes = MatryoshkaLoss(self.sts, lc.matryoshka_dims, full_weight=0.0, ese_dim=None)
+        # one earlier layer's stack: full + (prefixes when matryoshka is on) + (alignment when ESE is on)
+        self.layer_stack = MatryoshkaLoss(self.sts, lc.matryoshka_dims if lc.matryoshka > 0 else [],
+                                          full_weight=1.0, ese_dim=lc.ese_dim if lc.ese_alignment > 0 else None)
 
-    def pair_terms(self, model: nn.Module, left: list[str], right: list[str], gold: torch.Tensor) -> dict[str, torch.Tensor]:
+    def sts(self, cos: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        """A(cos, gold): the weighted STS terms, the base loss of the Matryoshka and layer terms."""
+        return sum(self.weights[name] * getattr(self, name)(cos, gold) for name in STS_TERMS if name in self.weights)
+
+    def layers_for_step(self, step: int, num_layers: int) -> list[int]:
+        """Earlier layers (1-based, below ``num_layers``) whose embeddings the ``layers`` term needs."""
+        if "layers" not in self.weights or num_layers < 2:
+            return []
+        if self.layer_mode == "all":
+            return list(range(1, num_layers))
+        # a function of (seed, step), like the batches: every rank and a resumed run draw the same layer
+        return [int(np.random.default_rng([self.seed, 3, step]).integers(1, num_layers))]
+
+    def pair_terms(self, model: nn.Module, left: list[str], right: list[str], gold: torch.Tensor, step: int = 0,
+                   forward: Callable | None = None, gather: Gather = _no_gather) -> dict[str, torch.Tensor]:
+        """Terms on a batch of pairs: this process's ``left`` / ``right`` rows, ``gold`` of the global batch."""
+        forward = forward or model
         upper = gold >= self.threshold
         terms: dict[str, torch.Tensor] = {}
         if model.kind == "cross":
-            out = model(model.tokenize_pairs(left, right))
-            terms["score_bce"] = self.score_bce(out.logits, gold)
+            out = forward(model.tokenize_pairs(left, right))
+            terms["score_bce"] = self.score_bce(gather(out.logits), gold)
             gates = (out.routing_a.gate, out.routing_b.gate)
         else:
-            out = model(model.tokenize(left + right))
-            a, b = out.embedding[: len(left)], out.embedding[len(left):]
+            layers = self.layers_for_step(step, model.num_layers)
+            out = forward(model.tokenize(left + right), layers=layers)
+            n = len(left)
+            a, b = gather(out.embedding[:n]), gather(out.embedding[n:])
             cos = F.cosine_similarity(a.float(), b.float(), dim=-1)
-            for name in ("cosent", "pearson", "rank_kl", "listwise"):
+            for name in STS_TERMS:
                 if name in self.weights:
                     terms[name] = getattr(self, name)(cos, gold)
+            if "matryoshka" in self.weights:
+                terms["matryoshka"] = self.prefixes(a, b, gold)
+            if "ese_alignment" in self.weights and self.ese_dim < a.shape[-1]:
+                both = torch.cat([a, b], dim=0)  # every sentence of the batch shapes the PCA target
+                terms["ese_alignment"] = alignment_loss(both[:, : self.ese_dim], ese_pca(both, self.ese_dim))
+            if layers:
+                per_layer = [layer_weight(i) * self.layer_stack(gather(e[:n]), gather(e[n:]), gold)
+                             for i, e in sorted(out.layer_embeddings.items())]
+                terms["layers"] = sum(per_layer) / len(per_layer)
             gate = out.routing.gate
-            gates = (gate[: len(left)], gate[len(left):]) if gate is not None else (None, None)
+            gates = (gate[:n], gate[n:]) if gate is not None else (None, None)
         if "routing" in self.weights and gates[0] is not None:
-            terms["routing"] = (self.routing(gates[0], upper) + self.routing(gates[1], upper)) / 2
+            terms["routing"] = (self.routing(gather(gates[0]), upper) + self.routing(gather(gates[1]), upper)) / 2
         return terms
+
+    def distill_term(self, model: nn.Module, sentences: list[str], targets: torch.Tensor,
+                     forward: Callable | None = None, gather: Gather = _no_gather) -> torch.Tensor:
+        """HPD: this process's ``sentences``; ``targets`` of the global batch."""
+        student = (forward or model)(model.tokenize(sentences)).embedding
+        return self.distill(gather(student), targets)
+
+    def nli_term(self, model: nn.Module, anchor: list[str], positive: list[str], negative: list[str],
+                 forward: Callable | None = None, gather: Gather = _no_gather) -> torch.Tensor:
+        """InfoNCE over the global batch: every rank's positives and hard negatives are candidates."""
+        n = len(anchor)
+        emb = (forward or model)(model.tokenize(anchor + positive + negative)).embedding
+        return self.infonce(gather(emb[:n]), gather(emb[n:2 * n]), gather(emb[2 * n:]))
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * value for name, value in terms.items())
@@ -348,30 +428,62 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
     (rows aligned): distillation data, needed when ``loss.distill > 0``; ``triplets``: NLI triplets
     (columns anchor, positive, hard_negative), loaded from ``data.nli_dir`` when None and
     ``data.nli`` is on. Writes ``out_dir`` (default ``config.output_dir``): ``best/``, ``last/``,
-    ``metrics.json``, ``history.json``, ``run_config.yaml``, ``plots/``.
+    ``metrics.json``, ``history.json``, ``run_config.yaml``, ``plots/``; with ``train.snapshot_every``
+    also ``start/`` (the step-0 model) and ``snapshots/step-N/``.
+
+    Under torchrun every rank calls this with the same arguments; only rank 0 writes files and uses
+    ``tracker``, and only rank 0's result carries the metrics.
     """
     out = Path(out_dir) if out_dir is not None else config.resolved_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    tracker = tracker or NullTracker()
+    threads_before = torch.get_num_threads()
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    ctx = setup(resolve_device(config.train.device))
+    try:
+        if not ctx.is_main:  # rank 0 alone records the run and shows progress
+            tracker, show_progress = NullTracker(), False
+        return _run(config, pairs, corpus, teacher_targets, out, tracker or NullTracker(), triplets,
+                    show_progress, ctx)
+    finally:
+        ctx.close()
+        torch.set_num_threads(threads_before)
+
+
+def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, teacher_targets: np.ndarray | None,
+         out: Path, tracker: Tracker, triplets: pd.DataFrame | None, show_progress: bool,
+         ctx: DistContext) -> TrainResult:
+    """The body of :func:`run_training` on one process (rank ``ctx.rank``)."""
     tc, lc = config.train, config.loss
+    main = ctx.is_main
     seed_everything(config.seed)
-    device = resolve_device(tc.device)
+    device = ctx.device
     train, dev = select_pairs(pairs, config)
-    dump_config(config, out / "run_config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(config, out / "run_config.yaml")
     tracker.set_tags({"mixsp_kind": config.model.kind, "config_name": config.name})
 
     if config.model.kind == "encoder":  # a released model: evaluate only
         from mixsp_core.models.encoder import Encoder
 
+        if not main:
+            ctx.barrier()
+            return TrainResult(out, None, 0, {}, {}, [], 0, 0.0)
         tracker.log_params(flatten(config.to_dict()))
         encoder = Encoder(config.model.encoder, device=str(device))
         metrics, per_class = finish_report(evaluate_dev(encoder, dev, tc.eval_batch_size)[1], dev, config, out, [],
                                            tracker)
         tracker.log_artifact(out / "run_config.yaml")
         tracker.finish()
+        ctx.barrier()
         return TrainResult(out, None, 0, metrics, per_class, [], 0, 0.0, tracker.run_id)
 
-    # ---- data streams
+    # ---- data streams (global batches; each rank takes its slice)
+    ctx.check_divisible("train.batch_size", tc.batch_size)
+    if lc.distill > 0:
+        ctx.check_divisible("train.distill_batch_size", tc.distill_batch_size)
+    if lc.infonce > 0:
+        ctx.check_divisible("train.nli_batch_size", tc.nli_batch_size)
     gold_all = train["score"].to_numpy(dtype=np.float32)
     upper_all = gold_all >= config.data.upper_threshold
     class_counts = tuple(lc.routing_class_counts) or (max(1, int((~upper_all).sum())), max(1, int(upper_all.sum())))
@@ -383,7 +495,7 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
     if lc.infonce > 0 and triplets is None:
         triplets = load_triplets(config)
     nli_stream = BatchStream(len(triplets), tc.nli_batch_size, config.seed, 2) if lc.infonce > 0 else None
-    if components is not None:
+    if components is not None and main:
         np.save(out / "teacher_pca_components.npy", components)
 
     # ---- model, optimizer, schedule: fresh or resumed
@@ -392,6 +504,10 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
     model.to(device).train()
     if state is None and config.model.output_init != "random":
         _init_output(model, config, train, distill_sentences, targets)
+    if state is None and tc.snapshot_every and main:
+        # the fusion start theta_0: the heads are random per seed, so the base encoder alone is not it
+        save_checkpoint(model, out / START_DIR, extra={"step": 0, "config": config.to_dict()})
+    net = ctx.wrap(model)  # DDP copies rank 0's weights to every rank here
     optimizer = make_optimizer(model, config)
     scheduler = linear_schedule(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     progress = Progress()
@@ -400,34 +516,46 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(**{k: state[k] for k in Progress.__dataclass_fields__})
         log.info("resuming %s from step %d", out, progress.step)
+    if ctx.rank > 0:  # own dropout masks per rank; rank 0 keeps the single-process RNG stream
+        torch.manual_seed(int(np.random.default_rng([config.seed, ctx.rank, progress.step]).integers(2**31)))
     objective = Objective(config, class_counts).to(device)
     use_amp = tc.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if tc.amp_dtype == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
     tracker.log_params({**flatten(config.to_dict()), "derived.total_steps": total_steps,
                         "derived.train_pairs": len(train), "derived.class_counts": list(class_counts),
-                        "derived.device": str(device), "derived.distill_sentences": len(distill_sentences)})
+                        "derived.device": str(device), "derived.distill_sentences": len(distill_sentences),
+                        "derived.world_size": ctx.world_size})
 
     best_scores: dict[str, np.ndarray] = {}  # the best model's dev scores, for the final report
 
     def evaluate_and_checkpoint() -> None:
-        """Score the dev sets; keep the best model; write the resumable last/ checkpoint."""
-        metrics, scores = evaluate_dev(model, dev, tc.eval_batch_size)
-        progress.train_seconds = time.perf_counter() - started
-        progress.history.append({"step": progress.step, **metrics, "train_seconds": progress.train_seconds})
-        tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, progress.step)
-        if metrics["primary"] > progress.best_metric:
-            progress.best_metric, progress.best_step, progress.evals_since_best = metrics["primary"], progress.step, 0
-            best_scores.update(scores)
-            save_checkpoint(model, out / BEST_DIR, extra={"step": progress.step, "dev": metrics,
-                                                          "config": config.to_dict()})
-        else:
-            progress.evals_since_best += 1
-        progress.stopped_early = bool(tc.patience and progress.evals_since_best >= tc.patience)
-        if tc.save_last:
-            save_checkpoint(model, out / LAST_DIR, optimizer=optimizer, trainer_state={
-                **asdict(progress), "total_steps": total_steps, "scheduler": scheduler.state_dict(),
-                "config": config.to_dict(), "tracking_run_id": tracker.run_id})
+        """Rank 0 scores the dev sets, keeps the best model and writes the resumable last/ checkpoint;
+        the other ranks wait, then all take rank 0's early-stopping decision."""
+        if main:
+            metrics, scores = evaluate_dev(model, dev, tc.eval_batch_size)
+            progress.train_seconds = time.perf_counter() - started
+            progress.history.append({"step": progress.step, **metrics, "train_seconds": progress.train_seconds})
+            tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, progress.step)
+            if not math.isfinite(metrics["primary"]):
+                # NaN Spearman means constant similarities: the model collapsed (e.g. a saturated tanh).
+                raise FloatingPointError(f"{config.name}: dev Spearman is {metrics} at step {progress.step}: "
+                                         "the model's similarities are constant or not finite")
+            if metrics["primary"] > progress.best_metric:
+                progress.best_metric, progress.best_step, progress.evals_since_best = (metrics["primary"],
+                                                                                       progress.step, 0)
+                best_scores.update(scores)
+                save_checkpoint(model, out / BEST_DIR, extra={"step": progress.step, "dev": metrics,
+                                                              "config": config.to_dict()})
+            else:
+                progress.evals_since_best += 1
+            progress.stopped_early = bool(tc.patience and progress.evals_since_best >= tc.patience)
+            if tc.save_last:
+                save_checkpoint(model, out / LAST_DIR, optimizer=optimizer, trainer_state={
+                    **asdict(progress), "total_steps": total_steps, "scheduler": scheduler.state_dict(),
+                    "config": config.to_dict(), "tracking_run_id": tracker.run_id})
+        ctx.barrier()
+        progress.stopped_early = ctx.broadcast_flag(progress.stopped_early)
 
     # ---- the loop
     window: dict[str, list[float]] = defaultdict(list)
@@ -440,29 +568,32 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
             step = progress.step
             model.train()
             idx = pair_stream.indices(step)
+            local = ctx.shard(idx)
             gold = torch.as_tensor(gold_all[idx], device=device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                terms = objective.pair_terms(model, list(train["sentence1"].iloc[idx]),
-                                             list(train["sentence2"].iloc[idx]), gold)
+                terms = objective.pair_terms(model, list(train["sentence1"].iloc[local]),
+                                             list(train["sentence2"].iloc[local]), gold, step, net, ctx.gather)
                 if lc.distill > 0:
                     rows = distill_stream.indices(step)
-                    student = model(model.tokenize([distill_sentences[i] for i in rows])).embedding
-                    terms["distill"] = objective.distill(student, torch.as_tensor(targets[rows], device=device))
+                    terms["distill"] = objective.distill_term(
+                        model, [distill_sentences[i] for i in ctx.shard(rows)],
+                        torch.as_tensor(targets[rows], device=device), net, ctx.gather)
                 if nli_stream is not None:
-                    rows = triplets.iloc[nli_stream.indices(step)]
-                    n = len(rows)
-                    emb = model(model.tokenize(list(rows["anchor"]) + list(rows["positive"])
-                                               + list(rows["hard_negative"]))).embedding
-                    terms["infonce"] = objective.infonce(emb[:n], emb[n:2 * n], emb[2 * n:])
+                    rows = triplets.iloc[ctx.shard(nli_stream.indices(step))]
+                    terms["infonce"] = objective.nli_term(model, list(rows["anchor"]), list(rows["positive"]),
+                                                          list(rows["hard_negative"]), net, ctx.gather)
                 loss = objective.total(terms)
             optimizer.zero_grad(set_to_none=True)
+            # every rank holds the same global loss but only its own slice's gradient: DDP averages the
+            # slices, so scale by the world size to get the global loss's gradient
+            scaled = loss * ctx.grad_scale if ctx.enabled else loss
             if scaler is not None:
-                scaler.scale(loss).backward()
+                scaler.scale(scaled).backward()
                 scaler.unscale_(optimizer)
             else:
-                loss.backward()
-            if tc.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                scaled.backward()
+            # the norm before clipping is logged: a check that every rank's update is the global batch's
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -475,12 +606,17 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
             window["loss"].append(float(loss.detach()))
             for name, value in terms.items():
                 window[name].append(float(value.detach()))
+            if math.isfinite(grad_norm):
+                window["grad_norm"].append(grad_norm)
             if step % tc.log_every == 0 or step == total_steps:
                 logged = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
                 logged["train/lr"] = scheduler.get_last_lr()[0]
                 tracker.log_metrics(logged, step)
                 bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
                 window.clear()
+            if tc.snapshot_every and step % tc.snapshot_every == 0 and main:
+                save_checkpoint(model, out / SNAPSHOT_DIR / f"step-{step}",
+                                extra={"step": step, "start": str(out / START_DIR), "config": config.to_dict()})
             if step % tc.eval_every == 0 or step == total_steps:
                 evaluate_and_checkpoint()
     except BaseException:
@@ -490,6 +626,12 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
         bar.close()
     seconds = time.perf_counter() - started
     history, best_step, step = progress.history, progress.best_step, progress.step
+    digest = weights_digest(model)
+    if not ctx.all_equal(digest):
+        raise RuntimeError("the training processes ended with different weights (DDP replicas diverged)")
+    if not main:
+        ctx.barrier()  # rank 0 writes the report
+        return TrainResult(out, out / BEST_DIR, best_step, {}, {}, history, step, seconds, None, {}, digest)
 
     # ---- the best model's report
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
@@ -502,8 +644,9 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
     if config.tracking.log_checkpoint:
         tracker.log_artifact(out / BEST_DIR, "best_checkpoint")
     tracker.finish()
+    ctx.barrier()
     return TrainResult(out, out / BEST_DIR, best_step, metrics, per_class, history, step, seconds, tracker.run_id,
-                       {"plots": str(out / "plots"), "metrics": str(out / "metrics.json")})
+                       {"plots": str(out / "plots"), "metrics": str(out / "metrics.json")}, digest)
 
 
 def _init_output(model, config: RunConfig, train: pd.DataFrame, sentences: list[str],
@@ -528,10 +671,11 @@ def _resume_state(last: Path, config: RunConfig) -> dict[str, Any] | None:
         return None
     state, tensors = read_trainer_state(last)
     saved, current = flatten(state.get("config", {})), flatten(config.to_dict())
+    defaults = flatten(config_from_dict({}).to_dict())  # fields newer than the saved run read as their default
     for key in sorted(set(saved) | set(current)):
         if key in _RESUME_FREE or key.startswith("tracking."):
             continue
-        if saved.get(key) != current.get(key):
+        if saved.get(key, defaults.get(key)) != current.get(key):
             raise CheckpointError(
                 f"{last / 'trainer_state.json'}: was written by a run with {key}={saved.get(key)!r}, this config "
                 f"has {current.get(key)!r}; use another output directory or set train.resume: false")

@@ -51,3 +51,9 @@ def png_markdown(figure: Any, alt: str) -> dg.MetadataValue:
     plt.close(figure)
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
+
+
+def png_file_markdown(path: Path, alt: str | None = None) -> dg.MetadataValue:
+    """Embed a PNG file as a base64 image inside markdown metadata."""
+    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return dg.MetadataValue.md(f"![{alt or Path(path).stem}](data:image/png;base64,{encoded})")

@@ -40,3 +40,22 @@ def section(name: str) -> dict[str, Any]:
 def default_tracking_uri() -> str:
     """MLflow store: ``$MLFLOW_TRACKING_URI`` (the Makefile sets it), else SQLite in the repository root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def params_for_run(data_root: str | Path | None = None, **sections: dict[str, Any]) -> Params:
+    """params.yaml with this run's values: the resource's data root and the assets' config values
+    (``train={...}``) over the file's, so the stage functions see what the launchpad set."""
+    import dataclasses
+
+    params = pipeline_params()
+    data = params.data if data_root is None else dataclasses.replace(params.data, root=str(data_root))
+    # Fields an asset's config does not expose keep their params.yaml values.
+    extra = {**params.extra, **{name: {**(params.extra.get(name) or {}), **values} for name, values in sections.items()}}
+    return dataclasses.replace(params, data=data, extra=extra)
+
+
+def stage_section(name: str) -> Any:
+    """A typed later-stage section of params.yaml (``train``, ``compress``, ...) with its defaults."""
+    from mixsp_core.stage_params import stage_params
+
+    return getattr(stage_params(pipeline_params().extra, params_file()), name)

@@ -1,10 +1,12 @@
 """`make run`: materialise the whole asset graph (job ``mixsp_full``) from the command line.
 
-    python -m pipelines.run [--data SPEC] [--job mixsp_full]
+    python -m pipelines.run [--data SPEC] [--job mixsp_full] [--no-dvc]
 
 Runs in this process against the Dagster instance in ``$DAGSTER_HOME`` (default ``.dagster_home`` in
-the repository), so the run and its materialisations appear in the UI (`make ui`). Prints where the
-outputs are; exits 1 when a step or a blocking check fails.
+the repository), so the run and its materialisations appear in the UI (`make ui`). After a successful
+run whose artifacts are the repository's ``data/``, ``dvc commit -f`` pins them in dvc.lock (so ``dvc
+status`` is clean) and the lock's hashes are logged to the run's MLflow runs (pipelines/dvc_sync.py).
+Prints where the outputs are; exits 1 when a step or a blocking check fails.
 """
 
 from __future__ import annotations
@@ -49,11 +51,31 @@ def output_locations() -> dict[str, Path | str]:
         "corpus": layout.corpus,
         "teacher embeddings": layout.teacher,
         "models": layout.models,
-        "champion": layout.models / "champion",
+        "student": layout.student,
+        "compressed variants": layout.compressed,
+        "merged model": layout.merged / "model",
+        "champion": layout.champion,
+        "evaluation report": layout.reports / "evaluation.md",
         "reports": layout.reports,
+        "dvc.lock": REPO_ROOT / "dvc.lock",
         "MLflow store": MlflowResource().tracking_uri,
         "Dagster home": Path(os.environ["DAGSTER_HOME"]),
     }
+
+
+def champion_summary() -> str:
+    """The last promotion's verdict (reports/champion.json), or '' before the first."""
+    import json
+
+    from pipelines.defs.resources import PathsResource
+
+    record = PathsResource().pipeline_paths().reports / "champion.json"
+    if not record.is_file():
+        return ""
+    data = json.loads(record.read_text())
+    verdict = "promoted to champion" if data["promoted"] else "challenger"
+    return (f"{data['registered_model']} version {data['version']} ({data['model_name']}, dev {data['dev']:.2f}): "
+            f"{verdict}; alias 'champion' -> version {data['champion_version']} (dev {data['champion_dev']:.2f})")
 
 
 def _print_failures(result: Any) -> None:
@@ -75,10 +97,32 @@ def _print_failures(result: Any) -> None:
         print(f"\nnot run (an upstream step failed): {', '.join(not_run)}", file=sys.stderr)
 
 
+def sync_dvc(dagster_run_id: str) -> bool:
+    """Pin the run's artifacts in dvc.lock and log the hashes to MLflow; only when the artifacts are the
+    repository's own ``data/`` (the paths dvc.yaml names). False when DVC failed."""
+    import subprocess
+
+    from pipelines.defs.resources import MlflowResource, PathsResource
+    from pipelines.dvc_sync import commit_all, log_to_mlflow
+
+    if PathsResource().root().resolve() != (REPO_ROOT / "data").resolve():
+        print(f"DVC: skipped (data root {PathsResource().root()} is not the repository's data/, which dvc.yaml names)")
+        return True
+    try:
+        status = commit_all()
+    except subprocess.CalledProcessError as err:
+        print(f"DVC: `dvc commit` failed: {(err.stderr or err.stdout).strip()}", file=sys.stderr)
+        return False
+    runs = log_to_mlflow(MlflowResource().tracking_uri, dagster_run_id)
+    print(f"DVC: dvc.lock updated; `dvc status`: {status or 'clean'}; hashes logged to {len(runs)} MLflow runs")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="data spec for this run (default: params.yaml data.spec)")
     parser.add_argument("--job", default="mixsp_full")
+    parser.add_argument("--no-dvc", action="store_true", help="skip dvc commit and logging dvc.lock to MLflow")
     args = parser.parse_args(argv)
 
     os.chdir(REPO_ROOT)  # params.yaml paths are relative to the repository root
@@ -98,12 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDagster run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
     if not result.success:
         _print_failures(result)
+    dvc_ok = result.success and (args.no_dvc or sync_dvc(result.run_id))
     print("\nOutputs:")
     for name, where in output_locations().items():
         exists = "" if not isinstance(where, Path) or where.exists() else "  (not written yet)"
         print(f"  {name:<20} {where}{exists}")
+    champion = champion_summary()
+    if champion:
+        print(f"\nRegistry: {champion}")
     print("\nBrowse runs and assets: make ui")
-    return 0 if result.success else 1
+    return 0 if dvc_ok else 1
 
 
 if __name__ == "__main__":

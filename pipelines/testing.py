@@ -60,3 +60,46 @@ def graph_definitions() -> list:
     for definition in [*(loaded.assets or []), *(loaded.asset_checks or [])]:
         unique.setdefault(id(definition), definition)
     return list(unique.values())
+
+
+def tiny_student_overrides(encoder: Path, max_steps: int = 4) -> list[str]:
+    """``KEY=VALUE`` overrides that turn configs/default.yaml into a seconds-long run of a tiny random
+    BERT (16-d output, a few steps, evaluated and snapshotted every 2 steps when the trainer snapshots)."""
+    from mixsp_core.config import TrainConfig
+
+    overrides = [f"model.encoder={encoder}", "model.output_dim=16", "model.projector_mult=2", "model.max_length=32",
+                 f"train.max_steps={max_steps}", "train.eval_every=2", "train.batch_size=8",
+                 "train.distill_batch_size=8", "train.eval_batch_size=32", "train.device=cpu",
+                 "train.output_init_sentences=60", "train.log_every=1", "tracking.log_checkpoint=false"]
+    if "snapshot_every" in TrainConfig.__dataclass_fields__:  # the trainer's snapshots of one run, for merging
+        overrides.append("train.snapshot_every=2")
+    return overrides
+
+
+def tiny_sections(source: Path, teacher: Path, encoder: Path) -> dict:
+    """params.yaml sections (data, teacher, train, compress, merge, evaluate) for the tiny data and models."""
+    return {
+        "data": {"spec": f"senteval:{source}", "corpus_files": [str(source / CORPUS_FILE)],
+                 "max_corpus_sentences": 200},
+        "teacher": {"model": str(teacher), "batch_size": 16, "device": "cpu"},
+        "train": {"config": "configs/default.yaml", "overrides": tiny_student_overrides(encoder)},
+        "compress": {"variants": ["pca:8", "int8"], "fit_sentences": 100},
+        "merge": {"methods": ["uniform", "greedy", "fusion"], "p": 1.0},
+        "evaluate": {"grid_layers": [], "grid_dims": [4, 8], "grid_vector_types": ["float32", "int8"],
+                     "grid_fit_sentences": 100, "min_dev_spearman": -100.0},
+    }
+
+
+def tiny_run_config(source: Path, teacher: Path, encoder: Path, selection: list[str] | None = None) -> dict:
+    """Dagster run config (``ops``) with every asset's config set for the tiny data and models."""
+    s = tiny_sections(source, teacher, encoder)
+    ops = {
+        "sts_pairs": {"spec": s["data"]["spec"]},
+        "sentence_corpus": {"corpus_files": s["data"]["corpus_files"], "max_sentences": 200},
+        "teacher_embeddings": {"model": s["teacher"]["model"], "batch_size": 16},
+        "student": s["train"],
+        "compressed_variants": s["compress"],
+        "merged_model": s["merge"],
+        "evaluation_report": {k: v for k, v in s["evaluate"].items() if k != "min_dev_spearman"},
+    }
+    return {"ops": {name: {"config": cfg} for name, cfg in ops.items() if selection is None or name in selection}}

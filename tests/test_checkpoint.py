@@ -125,3 +125,35 @@ def test_plain_hf_folder_gives_an_encoder(tiny_bert_dir):
     embedder = load_embedder(str(tiny_bert_dir), device="cpu")
     assert isinstance(embedder, Encoder)
     assert embedder.encode(SENTENCES[:2], show_progress=False).shape == (2, 32)
+
+
+def test_layer_embedding_matches_a_checkpoint_cut_to_that_layer(bi_model, tmp_path):
+    from mixsp_core.compress.layers import truncate_model_dir
+
+    save_checkpoint(bi_model, tmp_path / "full")
+    cut = truncate_model_dir(tmp_path / "full", tmp_path / "cut", keep=1)
+    shallow = load_embedder(cut, device="cpu")
+    assert shallow.num_layers == 1 and bi_model.num_layers == 2
+    with torch.no_grad():
+        out = bi_model(bi_model.tokenize(SENTENCES), layers=[1, 2])
+    torch.testing.assert_close(out.layer_embeddings[2], out.embedding)  # the last layer is the final one
+    expected = torch.nn.functional.normalize(out.layer_embeddings[1], dim=-1).numpy()
+    got = shallow.encode(SENTENCES, batch_size=len(SENTENCES), show_progress=False)
+    assert np.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="layers"):
+        bi_model(bi_model.tokenize(SENTENCES), layers=[3])
+
+
+def test_load_embedder_applies_a_saved_transform(bi_model, tmp_path):
+    from mixsp_core.compress import TransformChain, TransformedEmbedder, make_step, write_compressed_model
+
+    save_checkpoint(bi_model, tmp_path / "ckpt")
+    full = bi_model.encode(SENTENCES, show_progress=False)
+    chain = TransformChain([make_step("truncate:8")]).fit(full)
+    write_compressed_model(tmp_path / "ckpt", chain, tmp_path / "small")
+    small = load_embedder(tmp_path / "small", device="cpu")
+    assert isinstance(small, TransformedEmbedder)
+    assert np.allclose(small.encode(SENTENCES, show_progress=False), chain.apply(full), atol=1e-6)
+    assert isinstance(load_embedder(tmp_path / "ckpt", device="cpu"), BiStudent)  # no transform/: unchanged
+    with pytest.raises(ValueError, match="transform"):
+        load_embedder(tmp_path / "small", device="cpu", dims=4)

@@ -29,6 +29,13 @@ def test_defaults_are_valid():
     ({"loss": {"infonce": 1.0}}, "loss.infonce"),
     ({"data": {"train_tasks": "STSBenchmark"}}, "data.train_tasks"),
     ({"train": {"device": "tpu"}}, "train.device"),
+    ({"train": {"snapshot_every": -1}}, "train.snapshot_every"),
+    ({"train": {"num_threads": -2}}, "train.num_threads"),
+    ({"loss": {"matryoshka_dims": [32, 32]}}, "loss.matryoshka_dims"),
+    ({"loss": {"layer_mode": "every"}}, "loss.layer_mode"),
+    ({"loss": {"ese_alignment": 1.0, "ese_dim": 128}}, "loss.ese_dim"),
+    ({"loss": {"cosent": 0.0, "distill": 1.0, "matryoshka": 1.0}}, "loss.matryoshka"),
+    ({"model": {"kind": "cross"}, "loss": {"cosent": 0.0, "score_bce": 1.0, "layers": 1.0}}, "loss.layers"),
 ])
 def test_bad_values_name_the_field(raw, field):
     with pytest.raises(ConfigError) as err:

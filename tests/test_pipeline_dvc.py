@@ -78,6 +78,33 @@ def test_dagster_config_defaults_come_from_params_yaml():
     assert TeacherConfig().batch_size == params["teacher"]["batch_size"]
     assert PathsResource().data_root == params["data"]["root"]
 
+    from pipelines.defs.assets.compress import CompressConfig
+    from pipelines.defs.assets.evaluate import EvaluateConfig
+    from pipelines.defs.assets.merge import MergeConfig
+    from pipelines.defs.assets.promote import ChampionConfig
+    from pipelines.defs.assets.train import StudentConfig
+    from pipelines.defs.resources import MlflowResource, ModelGateResource
+
+    assert (StudentConfig().config, StudentConfig().overrides) == (params["train"]["config"],
+                                                                   params["train"]["overrides"])
+    assert CompressConfig().variants == params["compress"]["variants"]
+    assert (MergeConfig().methods, MergeConfig().p) == (params["merge"]["methods"], params["merge"]["p"])
+    assert EvaluateConfig().grid_dims == params["evaluate"]["grid_dims"]
+    assert ModelGateResource().min_dev_spearman == params["evaluate"]["min_dev_spearman"]
+    assert ChampionConfig().alias == params["promote"]["alias"]
+    assert MlflowResource().registered_model == params["promote"]["registered_model"]
+
+
+def test_every_dvc_stage_runs_its_mixsp_subcommand_on_params_yaml():
+    from mixsp_core.cli import build_parser
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["prepare", "teacher", "train", "compress", "merge", "evaluate", "promote"]
+    for name, stage in stages.items():
+        argv = stage["cmd"].split()
+        assert argv[0] == "mixsp" and argv[-2:] == ["--config", "params.yaml"], name
+        assert build_parser().parse_args(argv[1:]).config == "params.yaml"
+
 
 @pytest.mark.parametrize("path", ["dvc.yaml", "params.yaml", ".dvc/config"])
 def test_dvc_files_present(path):

@@ -1,5 +1,6 @@
-"""The asset graph end to end through ``dagster.materialize`` on tiny real data and tiny random models:
-outputs on disk, metadata, blocking checks, the teacher cache reused, and bad data stopping the graph."""
+"""The data and teacher stages of the asset graph through ``dagster.materialize`` on tiny real data and a
+tiny random teacher: outputs on disk, metadata, blocking checks, the teacher cache reused, and bad data
+stopping the graph. (The whole chain, training to champion: tests/test_pipeline_full.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 
 from pipelines.metadata import file_md5
 from pipelines.testing import CORPUS_FILE, corrupt_pairs, graph_definitions, write_tiny_senteval
+
+DATA_ASSETS = ["sts_pairs", "sentence_corpus", "teacher_embeddings"]
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +29,10 @@ def tiny_source(tmp_path: Path, senteval_dir: Path) -> Path:
 
 def materialize(definitions: list, workdir: Path, source: Path, teacher: Path,
                 selection: list[str] | None = None) -> dg.ExecuteInProcessResult:
-    """Materialise the graph (or ``selection``) with every artifact and the MLflow store under ``workdir``."""
-    from pipelines.defs.resources import MlflowResource, PathsResource
+    """Materialise the data and teacher assets (or ``selection``) with every artifact and the MLflow store under ``workdir``."""
+    from pipelines.defs.resources import MlflowResource, ModelGateResource, PathsResource
 
+    selection = selection or DATA_ASSETS
     run_config: dict[str, Any] = {"ops": {
         "sts_pairs": {"config": {"spec": f"senteval:{source}"}},
         "sentence_corpus": {"config": {"corpus_files": [str(source / CORPUS_FILE)], "max_sentences": 500}},
@@ -40,9 +44,10 @@ def materialize(definitions: list, workdir: Path, source: Path, teacher: Path,
         resources={
             "paths": PathsResource(data_root=str(workdir / "data"), device="cpu"),
             "mlflow": MlflowResource(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}"),
+            "model_gate": ModelGateResource(),  # unused by these assets; the definitions require it
         },
         run_config={"ops": {k: v for k, v in run_config["ops"].items()
-                            if selection is None or k in selection}},
+                            if k in selection}},
         raise_on_error=False,
     )
 

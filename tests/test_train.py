@@ -168,3 +168,92 @@ def test_grouped_batches_never_mix_tasks():
         seen.update(rows.tolist())
     assert len(seen) == 15  # every full batch of the epoch, no repeats
     assert np.array_equal(stream.indices(4), BatchStream(17, 3, 0, 0, groups).indices(4))
+
+
+def test_snapshots_and_start_for_merging(tiny_bert_dir, pairs, tmp_path):
+    from mixsp_core.merge import merge_checkpoints
+    from mixsp_core.models.checkpoint import build_model
+
+    config = tiny_config(tiny_bert_dir, train={"max_steps": 4, "eval_every": 4, "snapshot_every": 2})
+    result = run_training(config, pairs, out_dir=tmp_path / "s", tracker=NullTracker(), show_progress=False)
+    snaps = result.output_dir / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-2", "step-4"]
+    assert not (snaps / "step-2" / "trainer_state.json").exists()  # weights only
+    # start/ is the step-0 model: the same seed builds the same randomly initialised heads
+    torch.manual_seed(config.seed)
+    fresh = build_model(config.model).state_dict()
+    start = load_file(str(result.output_dir / "start" / "model.safetensors"))
+    assert start.keys() == fresh.keys() and all(torch.equal(start[k], fresh[k]) for k in start)
+    last = load_file(str(result.output_dir / "last" / "model.safetensors"))
+    step4 = load_file(str(snaps / "step-4" / "model.safetensors"))
+    assert all(torch.equal(last[k], step4[k]) for k in last)
+    assert not all(torch.equal(start[k], step4[k]) for k in start)
+    merged = merge_checkpoints([snaps / "step-2", snaps / "step-4"], tmp_path / "fused", "fusion",
+                               start=result.output_dir / "start")
+    assert load_checkpoint(merged.path).kind == "bi" and merged.record["start"] == str(result.output_dir / "start")
+
+
+def test_compression_terms_train_and_are_logged(tiny_bert_dir, pairs, tmp_path):
+    config = tiny_config(tiny_bert_dir, loss={"matryoshka": 1.0, "matryoshka_dims": [4, 8, 32], "layers": 0.5,
+                                              "ese_alignment": 0.5, "ese_dim": 4},
+                         train={"max_steps": 4, "eval_every": 4})
+    tracker = NullTracker()
+    run_training(config, pairs, out_dir=tmp_path / "m", tracker=tracker, show_progress=False)
+    for name in ("matryoshka", "layers", "ese_alignment", "cosent", "grad_norm"):
+        values = [v for _, v in tracker.series(f"train/{name}")]
+        assert len(values) == 4 and np.all(np.isfinite(values)) and max(values) > 0, name
+
+
+def test_compression_terms_by_hand(tiny_bert_dir, pairs):
+    from mixsp_core.losses import CoSENTLoss
+    from mixsp_core.losses.matryoshka import alignment_loss, ese_pca, layer_weight
+    from mixsp_core.models.checkpoint import build_model
+
+    config = tiny_config(tiny_bert_dir, loss={"cosent": 1.0, "routing": 0.0, "matryoshka": 1.0,
+                                              "matryoshka_dims": [4, 8, 64], "layers": 1.0, "layer_mode": "all",
+                                              "ese_alignment": 1.0, "ese_dim": 4})
+    train, _ = select_pairs(pairs, config)
+    left, right = list(train["sentence1"][:8]), list(train["sentence2"][:8])
+    gold = torch.as_tensor(train["score"][:8].to_numpy(np.float32))
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    objective = Objective(config, (4, 4))
+    assert objective.layers_for_step(0, model.num_layers) == [1]
+    with torch.no_grad():
+        terms = objective.pair_terms(model, left, right, gold)
+        out = model(model.tokenize(left + right), layers=[1])
+    cosent = CoSENTLoss()
+
+    def cos(x, y):
+        return torch.nn.functional.cosine_similarity(x, y, dim=-1)
+
+    def stack(e):  # A(e) + prefixes 4 and 8 (64 >= width 16 is skipped) + ESE alignment at m = 4
+        a, b = e[:8], e[8:]
+        both = torch.cat([a, b])
+        return (cosent(cos(a, b), gold) + sum(cosent(cos(a[:, :k], b[:, :k]), gold) for k in (4, 8))
+                + alignment_loss(both[:, :4], ese_pca(both, 4)))
+
+    e, e1 = out.embedding, out.layer_embeddings[1]
+    prefixes = sum(cosent(cos(e[:8, :k], e[8:, :k]), gold) for k in (4, 8))
+    torch.testing.assert_close(terms["matryoshka"], prefixes)
+    torch.testing.assert_close(terms["ese_alignment"], alignment_loss(e[:, :4], ese_pca(e, 4)))
+    torch.testing.assert_close(terms["layers"], layer_weight(1) * stack(e1))
+    # sampled mode: one layer in 1..L-1, a function of (seed, step)
+    sampled = Objective(tiny_config(tiny_bert_dir, loss={"layers": 1.0}), (4, 4))
+    draws = [sampled.layers_for_step(s, 6) for s in range(50)]
+    assert draws == [sampled.layers_for_step(s, 6) for s in range(50)]
+    assert {d[0] for d in draws} == {1, 2, 3, 4, 5}
+
+
+class _ThreadProbe(NullTracker):
+    def log_metrics(self, metrics, step):
+        self.threads = torch.get_num_threads()
+        super().log_metrics(metrics, step)
+
+
+def test_num_threads_is_applied_for_the_run_and_restored(tiny_bert_dir, pairs, tmp_path):
+    before = torch.get_num_threads()
+    probe = _ThreadProbe()
+    config = tiny_config(tiny_bert_dir, train={"max_steps": 1, "eval_every": 1, "num_threads": before + 1})
+    run_training(config, pairs, out_dir=tmp_path / "t", tracker=probe, show_progress=False)
+    assert probe.threads == before + 1 and torch.get_num_threads() == before

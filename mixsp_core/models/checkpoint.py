@@ -246,11 +246,17 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
       (``.encode``) or a :class:`CrossScorer` (``.predict`` only);
     * a Hub id or a plain HF folder: a :class:`mixsp_core.models.encoder.Encoder`.
 
-    ``dims`` keeps the first k output dimensions (re-normalised). A directory with a broken or
-    missing checkpoint file raises CheckpointError naming the file.
+    ``dims`` keeps the first k output dimensions (re-normalised). A directory with a ``transform/``
+    folder (a compressed model, :mod:`mixsp_core.compress`) comes wrapped in its fitted transform. A
+    directory with a broken or missing checkpoint file raises CheckpointError naming the file.
     """
+    from mixsp_core.compress import TRANSFORM_SUBDIR, transform_dir, wrap_if_transformed
+
     path = Path(os.fspath(name_or_path)).expanduser()
     cfg = path / CONFIG_FILE
+    if dims is not None and transform_dir(path / TRANSFORM_SUBDIR) is not None:
+        raise ValueError(f"{path / TRANSFORM_SUBDIR}: this model's saved transform sets its output width; "
+                         "--dims does not apply to it")
     looks_saved = path.is_dir() and ((path / WEIGHTS_FILE).is_file() or (path / ENCODER_DIR).is_dir())
     if path.is_dir() and (is_checkpoint(path) or (looks_saved and not cfg.is_file())):
         model = load_checkpoint(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -260,7 +266,7 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
             if not 1 <= dims <= model.dim:
                 raise ValueError(f"dims must lie in 1..{model.dim}, got {dims}")
             model.dims = dims
-        return model
+        return wrap_if_transformed(model, path)
     if path.is_dir() and cfg.is_file():
         try:
             json.loads(cfg.read_text(encoding="utf-8"))
@@ -272,5 +278,5 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
     if dims is not None:
         if not 1 <= dims <= encoder.dim:
             raise ValueError(f"dims must lie in 1..{encoder.dim}, got {dims}")
-        return TruncatedEncoder(encoder, dims)
-    return encoder
+        encoder = TruncatedEncoder(encoder, dims)
+    return wrap_if_transformed(encoder, path) if path.is_dir() else encoder

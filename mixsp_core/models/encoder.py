@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -14,10 +15,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedModel
 
-from mixsp_core.models.pooling import POOLINGS, pool
+from mixsp_core.models.fast import BulkTokenizer, encode_planned, quantize_int8, tune_malloc
+from mixsp_core.models.pooling import POOLINGS, mean_pool, pool
 from mixsp_core.models.resolve import canonical_id, packaged_model_path, resolve_model
 
 log = logging.getLogger(__name__)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZE = (None, "int8")
+CUDA_TOKEN_BUDGET = 65536  # tokens per batch on CUDA ("auto"): few, large batches keep the GPU busy
 
 
 def _load_model(source: str) -> PreTrainedModel:
@@ -40,6 +46,22 @@ class Encoder:
     ``device``: ``"cpu"``, ``"cuda"`` (bf16 autocast while encoding) or None for CUDA when present;
     ``max_length``: tokens kept per sentence (capped by the tokenizer's and the position table's limits);
     ``show_progress``: the default for ``encode``'s tqdm bar.
+
+    ``encode`` / ``encode_layers`` take the fast path (``fast=True``, see :mod:`mixsp_core.models.fast`):
+    bulk tokenisation, batches of sentences of exactly equal token count (no padding, no attention
+    mask), ``inference_mode``. Inference-only settings:
+
+    * ``precision``: ``"auto"`` (bf16 weights on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``;
+      a non-fp32 precision runs a cast copy of the model (pooling and outputs stay float32);
+    * ``quantize``: ``"int8"`` runs a dynamically quantised copy (``nn.Linear`` in int8; CPU, fp32 only);
+    * ``token_budget``: tokens per batch (``batch_size`` then gives way to ``token_budget // length``);
+      ``"auto"``: 65536 on CUDA, None (``batch_size`` sentences) on CPU;
+    * ``cpu_workers`` (attribute): on CPU, batches run side by side on this many threads with one
+      intra-op thread each (default: ``torch.get_num_threads()``; 1 splits each op across threads);
+    * ``fast=False``: the plain loop (padded batches in character-length order, fp32 weights with
+      bf16 autocast on CUDA), kept as the reference.
+
+    The copies are rebuilt when the weights of ``self.model`` change in place (training).
     """
 
     def __init__(
@@ -50,6 +72,10 @@ class Encoder:
         device: str | torch.device | None = None,
         max_length: int = 256,
         show_progress: bool = True,
+        precision: str = "auto",
+        quantize: str | None = None,
+        token_budget: int | str | None = "auto",
+        fast: bool = True,
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -60,6 +86,26 @@ class Encoder:
         self.normalize = normalize
         self.show_progress = show_progress
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = _check_precision(precision, self.device)
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        if quantize == "int8" and (self.device.type != "cpu" or self.precision != "fp32"):
+            raise ValueError("quantize='int8' (dynamic int8) runs on CPU in fp32 only")
+        self.quantize = quantize
+        if token_budget == "auto":
+            token_budget = CUDA_TOKEN_BUDGET if self.device.type == "cuda" else None
+        if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
+            raise ValueError(f"token_budget must be a positive int, None or 'auto', got {token_budget!r}")
+        self.token_budget: int | None = token_budget
+        self.fast = fast
+        # On CUDA, rare lengths go into a few padded batches (fewer launches); on CPU every FLOP counts.
+        self.merge_tail = self.device.type == "cuda"
+        self.chunk_size = 65536
+        self.tokenize_threads: int | None = None
+        # CPU: batches run side by side on this many threads, one intra-op thread each (None: torch's count)
+        self.cpu_workers: int | None = None
+        self._infer_cache: tuple[tuple, torch.nn.Module] | None = None
+        self._bulk: tuple[tuple, BulkTokenizer] | None = None
         self.source = resolve_model(self.name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
@@ -88,7 +134,8 @@ class Encoder:
     def __repr__(self) -> str:
         return (
             f"Encoder({self.name!r}, pooling={self.pooling!r}, normalize={self.normalize}, "
-            f"device={str(self.device)!r}, max_length={self.max_length}, dim={self.dim})"
+            f"device={str(self.device)!r}, max_length={self.max_length}, dim={self.dim}, "
+            f"precision={self.precision!r}, quantize={self.quantize!r}, token_budget={self.token_budget})"
         )
 
     # ------------------------------------------------------------------ differentiable API
@@ -150,11 +197,81 @@ class Encoder:
         sentences = _check_sentences(sentences)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        show = self.show_progress if show_progress is None else show_progress
+        if not self.fast:
+            return self._run_plain(sentences, batch_size, show, layers)
+        if self.device.type == "cpu":
+            tune_malloc()
+        keys = layers if layers is not None else [-1]
+        pad_id = self.tokenizer.pad_token_id
+        return encode_planned(
+            sentences,
+            self._bulk_tokenizer(),
+            self._pooled_forward(self.inference_model(), layers),
+            {k: self.dim for k in keys},
+            self.device,
+            batch_size,
+            token_budget=self.token_budget,
+            merge_tail=self.merge_tail,
+            pad_id=0 if pad_id is None else int(pad_id),
+            chunk_size=self.chunk_size,
+            show_progress=show,
+            workers=self.cpu_workers if self.cpu_workers is not None else torch.get_num_threads(),
+        )
+
+    def _bulk_tokenizer(self) -> BulkTokenizer:
+        key = (id(self.tokenizer), self.max_length, self.tokenize_threads)
+        if self._bulk is None or self._bulk[0] != key:
+            self._bulk = (key, BulkTokenizer(self.tokenizer, self.max_length, self.tokenize_threads))
+        return self._bulk[1]
+
+    def _pooled_forward(self, model: torch.nn.Module, layers: list[int] | None):
+        """The fast path's forward: ids (and a mask for padded batches) -> pooled float32 vectors."""
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor | None) -> dict[int, torch.Tensor]:
+            kwargs = {} if mask is None else {"attention_mask": mask.long()}
+            output = model(input_ids=ids, output_hidden_states=layers is not None, **kwargs)
+            states = {-1: output.last_hidden_state} if layers is None else {k: output.hidden_states[k] for k in layers}
+            return {k: self._pool_fast(h, mask) for k, h in states.items()}
+
+        return forward
+
+    def _pool_fast(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pooling == "cls":
+            pooled = hidden[:, 0].float()
+        elif mask is None:  # an unpadded batch: every token counts
+            pooled = hidden.mean(dim=1, dtype=torch.float32)
+        else:
+            pooled = mean_pool(hidden.float(), mask)
+        return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    def inference_model(self) -> torch.nn.Module:
+        """The module the fast path runs: ``self.model`` in fp32, else a cached cast / int8 copy
+        (rebuilt when ``self.model``'s weights have changed since)."""
+        if self.precision == "fp32" and self.quantize is None:
+            return self.model
+        key = (id(self.model), tuple(p._version for p in self.model.parameters()), self.precision, self.quantize)
+        if self._infer_cache is not None and self._infer_cache[0] == key:
+            return self._infer_cache[1]
+        self._infer_cache = None  # free the old copy before making the new one
+        model = copy.deepcopy(self.model).eval()
+        if self.precision != "fp32":
+            model.to(PRECISIONS[self.precision])
+        if self.quantize == "int8":
+            model = quantize_int8(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._infer_cache = (key, model)
+        return model
+
+    def _run_plain(
+        self, sentences: list[str], batch_size: int, show: bool, layers: list[int] | None
+    ) -> dict[int, np.ndarray]:
+        """The reference loop: padded batches in character-length order, tokenised per batch."""
         keys = layers if layers is not None else [-1]
         result = {k: np.empty((len(sentences), self.dim), dtype=np.float32) for k in keys}
         # Longest first: similar lengths share a batch, so little padding; rows go back by index.
         order = np.argsort([-len(s) for s in sentences], kind="stable")
-        show = self.show_progress if show_progress is None else show_progress
         bar = tqdm(total=len(sentences), desc="encode", unit="sent", disable=not show, leave=False)
         with torch.inference_mode(), self._autocast(), bar:
             for idx in _chunks(order, batch_size):
@@ -172,6 +289,14 @@ class Encoder:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def _check_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {tuple(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 def _check_sentences(sentences: Sequence[str]) -> list[str]:

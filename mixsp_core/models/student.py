@@ -4,6 +4,8 @@ Each sentence is encoded alone. The projectors transform its pooled state h (mea
 default); the router sees ``concat(mean-pooled state, [CLS] state)``. The routed vector goes through
 HPD's output layer ``Dense(d -> k)`` (tanh by default), whose output is the embedding (distilled
 towards the PCA_k-projected teacher when HPD is on). Similarity is the cosine of two embeddings.
+``forward(batch, layers=[i, ...])`` also embeds from earlier encoder layers through the same heads
+(2DMSE / ESE training), which is what the model cut to its first i layers computes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -79,10 +81,13 @@ def check_sentences(sentences: Sequence[str], what: str = "sentence") -> list[st
 
 @dataclass
 class StudentOutput:
-    """``embedding``: ``[batch, k]`` before normalisation; ``routing``: the router's outputs."""
+    """``embedding``: ``[batch, k]`` before normalisation; ``routing``: the router's outputs;
+    ``layer_embeddings``: ``{i: [batch, k]}`` for the earlier layers asked for (2DMSE / ESE), each computed
+    from the pooled output of encoder layer i (1-based) through the same router, projectors and output layer."""
 
     embedding: torch.Tensor
     routing: RoutingOutput
+    layer_embeddings: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class BiStudent(nn.Module):
@@ -126,14 +131,26 @@ class BiStudent(nn.Module):
                                max_length=self.model_config.max_length, return_tensors="pt")
         return batch.to(self.device)
 
-    def features(self, batch: BatchEncoding) -> RoutingOutput:
-        """Routed projection of each sentence's pooled state (before the output layer)."""
-        out = self.encoder(**batch)
-        hidden = out.last_hidden_state
-        mask = batch["attention_mask"]
+    @property
+    def num_layers(self) -> int:
+        """Transformer layers of the encoder (a checkpoint cut to fewer layers reports its own count)."""
+        return int(self.encoder.config.num_hidden_layers)
+
+    @num_layers.setter
+    def num_layers(self, value: int) -> None:
+        # only the recorded count: compress.layers.limited_layers swaps the layer stack itself and sets this
+        self.encoder.config.num_hidden_layers = int(value)
+
+    def route(self, hidden: torch.Tensor, mask: torch.Tensor) -> RoutingOutput:
+        """Routed projection of token states ``[batch, tokens, d]`` (any layer's): the projectors see
+        the pooled state, the router ``concat(mean-pooled state, first-token state)``."""
         h = pool(self.model_config.pooling, hidden, mask)
         router_input = torch.cat([pool("mean", hidden, mask), hidden[:, 0]], dim=-1)
         return self.routed(h, router_input)
+
+    def features(self, batch: BatchEncoding) -> RoutingOutput:
+        """Routed projection of each sentence's pooled state (before the output layer)."""
+        return self.route(self.encoder(**batch).last_hidden_state, batch["attention_mask"])
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """The output layer: ``Dense(d -> k)`` then tanh (or identity when there is none)."""
@@ -142,9 +159,19 @@ class BiStudent(nn.Module):
         y = self.output(z)
         return torch.tanh(y) if self.model_config.output_activation == "tanh" else y
 
-    def forward(self, batch: BatchEncoding) -> StudentOutput:
-        routing = self.features(batch)
-        return StudentOutput(self.head(routing.z), routing)
+    def forward(self, batch: BatchEncoding, layers: Sequence[int] = ()) -> StudentOutput:
+        """Embeddings of a tokenized batch; ``layers`` (1-based, at most ``num_layers``) also gives the
+        embedding from each of those earlier layers. A model cut to its first L layers computes exactly
+        ``layer_embeddings[L]`` of the full model as its ``embedding``."""
+        layers = sorted(set(int(i) for i in layers))
+        if any(not 1 <= i <= self.num_layers for i in layers):
+            raise ValueError(f"layers must lie in 1..{self.num_layers}, got {layers}")
+        mask = batch["attention_mask"]
+        out = self.encoder(**batch, output_hidden_states=bool(layers))
+        routing = self.route(out.last_hidden_state, mask)
+        # hidden_states[0] is the embedding layer's output, hidden_states[i] the output of layer i
+        extra = {i: self.head(self.route(out.hidden_states[i], mask).z) for i in layers}
+        return StudentOutput(self.head(routing.z), routing, extra)
 
     @torch.inference_mode()
     def encode(self, sentences: Sequence[str], batch_size: int = 64, show_progress: bool = True,

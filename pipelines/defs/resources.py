@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from mixsp_core.pipeline_config import REPO_ROOT, shared_dir
-from pipelines.params import default_tracking_uri, pipeline_params
+from pipelines.params import default_tracking_uri, pipeline_params, stage_section
 
 if TYPE_CHECKING:
     import mlflow
@@ -59,12 +59,41 @@ class MlflowResource(dg.ConfigurableResource):
 
     tracking_uri: str = default_tracking_uri()
     experiment: str = "mixsp"
-    registered_model: str = "mixsp-student"
+    registered_model: str = stage_section("promote").registered_model
 
     def client(self) -> "mlflow.MlflowClient":
         import mlflow
 
         return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def run_tags(self, context: dg.AssetExecutionContext | dg.OpExecutionContext) -> dict[str, str]:
+        """Tags every MLflow run of this materialisation carries: the Dagster run, job and git commit."""
+        tags = {
+            "dagster.run_id": context.run_id,
+            "dagster.job": context.job_name,
+            "git.commit": git_commit(),
+            "mlflow.source.git.commit": git_commit(),
+        }
+        if context.has_partition_key:
+            tags["dagster.partition"] = context.partition_key
+        return tags
+
+    def ensure_experiment(self) -> str:
+        """The experiment id; created with its artifacts beside a SQLite store (not in the cwd)."""
+        from mixsp_core.pipeline_stages import default_artifact_location
+        from mixsp_core.registry import ensure_experiment
+
+        return ensure_experiment(self.client(), self.experiment, default_artifact_location(self.tracking_uri))
+
+    def tracker(self, context: dg.AssetExecutionContext, run_name: str, tags: Mapping[str, str] | None = None):
+        """A client-based training tracker (mixsp_core.tracking.MLflowTracker) on a new tagged run."""
+        from mixsp_core.tracking import MLflowTracker
+
+        self.ensure_experiment()
+        tracker = MLflowTracker(experiment=self.experiment, run_name=run_name, uri=self.tracking_uri,
+                                tags={**self.run_tags(context), **(tags or {})})
+        context.log.info(f"MLflow run {tracker.run_id} ({self.tracking_uri}, experiment {self.experiment})")
+        return tracker
 
     @contextmanager
     def start_run(self, context: dg.AssetExecutionContext | dg.OpExecutionContext, run_name: str,
@@ -74,21 +103,21 @@ class MlflowResource(dg.ConfigurableResource):
 
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
-        mlflow.set_experiment(self.experiment)
-        all_tags = {
-            "dagster.run_id": context.run_id,
-            "dagster.job": context.job_name,
-            "git.commit": git_commit(),
-            "mlflow.source.git.commit": git_commit(),
-        }
-        if context.has_partition_key:
-            all_tags["dagster.partition"] = context.partition_key
-        all_tags.update(tags or {})
+        mlflow.set_experiment(experiment_id=self.ensure_experiment())
+        all_tags = {**self.run_tags(context), **(tags or {})}
         with mlflow.start_run(run_name=run_name, tags=all_tags) as run:
             context.log.info(f"MLflow run {run.info.run_id} ({self.tracking_uri}, experiment {self.experiment})")
             yield run
 
 
+class ModelGateResource(dg.ConfigurableResource):
+    """The model checks' floor: dev primary metric (Spearman x100) a model must reach (params.yaml
+    ``evaluate.min_dev_spearman``)."""
+
+    min_dev_spearman: float = stage_section("evaluate").min_dev_spearman
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"paths": PathsResource(), "mlflow": MlflowResource()})
+    return dg.Definitions(resources={"paths": PathsResource(), "mlflow": MlflowResource(),
+                                     "model_gate": ModelGateResource()})

@@ -1,0 +1,133 @@
+"""MLflow model registry and champion promotion (library side; no Dagster).
+
+Every evaluated model becomes a new version of one registered model (``mixsp-student``), logged as
+the artifact ``model`` of an MLflow run and tagged with its dev primary metric. The alias ``champion``
+moves to the new version only when it beats the current champion's dev metric (strictly); otherwise
+the alias stays and the new version is tagged ``challenger``. The champion's checkpoint directory is
+copied to ``data/models/champion/`` atomically (written beside it, renamed into place), so a reader
+never sees half a model and a failed promotion leaves the previous champion as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+METRIC_TAG = "dev_primary"
+ROLE_TAG = "role"
+CHAMPION_FILE = "champion.json"
+
+
+@dataclass
+class Promotion:
+    """The outcome of :func:`register_and_promote`."""
+
+    registered_model: str
+    version: str
+    dev: float
+    promoted: bool  # True: the alias now points at ``version``
+    champion_version: str  # the version the alias points at afterwards
+    champion_dev: float
+    previous_version: str | None
+    previous_dev: float | None
+    run_id: str
+    model_name: str  # the evaluated variant (student, merged, compressed/pca128, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = ("promoted to champion" if self.promoted else
+                   f"tagged challenger (champion stays version {self.champion_version}, dev {self.champion_dev:.2f})")
+        return f"{self.registered_model} version {self.version} ({self.model_name}, dev {self.dev:.2f}): {verdict}"
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The experiment id of ``name``, created (with ``artifact_location`` when given) if missing."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def current_champion(client, registered_model: str, alias: str = "champion") -> tuple[str, float] | None:
+    """``(version, dev primary metric)`` the alias points at; None when there is no champion yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(registered_model, alias)
+    except MlflowException:
+        return None  # no registered model, or no alias yet
+    metric = version.tags.get(METRIC_TAG)
+    return str(version.version), float(metric) if metric is not None else float("-inf")
+
+
+def register_version(client, registered_model: str, run_id: str, model_dir: Path, dev: float,
+                     tags: dict[str, str] | None = None) -> str:
+    """Log ``model_dir`` as artifact ``model`` of ``run_id`` and register it as a new version; returns it."""
+    from mlflow.exceptions import MlflowException
+
+    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    try:
+        client.create_registered_model(registered_model, description="MixSP sentence-embedding student; "
+                                       "alias 'champion' = best dev primary metric so far")
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(registered_model, source=source, run_id=run_id,
+                                          tags={METRIC_TAG: repr(float(dev)), **(tags or {})})  # exact: compared later
+    return str(version.version)
+
+
+def copy_champion(model_dir: Path, target: Path, record: dict[str, Any]) -> Path:
+    """Copy checkpoint ``model_dir`` to ``target`` atomically, with ``champion.json`` (``record``) inside."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        shutil.copytree(model_dir, work, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("trainer_state.json", "optimizer.safetensors"))
+        (work / CHAMPION_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(work, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def register_and_promote(client, registered_model: str, run_id: str, model_dir: Path, dev: float,
+                         champion_dir: Path, alias: str = "champion", model_name: str = "",
+                         tags: dict[str, str] | None = None) -> Promotion:
+    """Register ``model_dir`` (dev primary metric ``dev``) as a new version; move ``alias`` to it and copy
+    it to ``champion_dir`` only when it beats the current champion's dev metric, else tag it challenger.
+
+    ``client`` is an ``mlflow.MlflowClient`` whose registry is the tracking store.
+    """
+    previous = current_champion(client, registered_model, alias)
+    version = register_version(client, registered_model, run_id, model_dir, dev,
+                               tags={"model_name": model_name, **(tags or {})})
+    promoted = previous is None or dev > previous[1]
+    if promoted:
+        client.set_registered_model_alias(registered_model, alias, version)
+        client.set_model_version_tag(registered_model, version, ROLE_TAG, alias)
+        if previous is not None:
+            client.set_model_version_tag(registered_model, previous[0], ROLE_TAG, f"former-{alias}")
+        champion = (version, dev)
+    else:
+        client.set_model_version_tag(registered_model, version, ROLE_TAG, "challenger")
+        client.set_model_version_tag(registered_model, version, "challenger", "true")
+        champion = previous
+    result = Promotion(registered_model, version, dev, promoted, champion[0], champion[1],
+                       previous[0] if previous else None, previous[1] if previous else None, run_id, model_name)
+    if promoted:
+        copy_champion(model_dir, champion_dir, {**result.to_dict(), "source": str(model_dir)})
+    return result

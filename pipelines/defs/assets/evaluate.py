@@ -1,0 +1,67 @@
+"""Evaluate stage (group ``evaluate``): every variant on dev, the best picked, the grid of the best
+full-precision model; data/reports/evaluation.{json,md,png} and grid.{json,md,png}. One MLflow run per
+materialisation holds the metrics and the report files."""
+
+# No `from __future__ import annotations` here: Dagster reads the config class from the real annotation.
+
+from pathlib import Path
+
+import dagster as dg
+
+from pipelines.defs.assets.compress import compressed_variants
+from pipelines.defs.assets.merge import merged_model
+from pipelines.defs.assets.prepare import sentence_corpus, sts_pairs
+from pipelines.defs.assets.train import student
+from pipelines.defs.resources import MlflowResource, PathsResource
+from pipelines.metadata import file_metadata, png_file_markdown
+from pipelines.params import params_for_run, stage_section
+
+_EVALUATE = stage_section("evaluate")
+
+
+class EvaluateConfig(dg.Config):
+    """Grid cells of the best full-precision model (``grid_layers`` empty: full depth). Defaults:
+    params.yaml ``evaluate``."""
+
+    grid_layers: list[int] = list(_EVALUATE.grid_layers)
+    grid_dims: list[int] = list(_EVALUATE.grid_dims)
+    grid_vector_types: list[str] = list(_EVALUATE.grid_vector_types)
+    grid_fit_sentences: int = _EVALUATE.grid_fit_sentences
+
+
+@dg.asset(
+    group_name="evaluate",
+    kinds={"mlflow", "json"},
+    deps=[student, compressed_variants, merged_model, sts_pairs, sentence_corpus],
+    description="Every variant (student, compressed, merged) on the dev sets; the best by the dev primary "
+                "metric; the evaluation grid. data/reports/evaluation.json/.md/.png, grid.*",
+)
+def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig, paths: PathsResource,
+                      mlflow: MlflowResource) -> dg.MaterializeResult:
+    import mlflow as mlflow_api
+
+    from mixsp_core.stages import run_evaluate
+
+    params = params_for_run(paths.root(), evaluate={
+        "grid_layers": config.grid_layers, "grid_dims": config.grid_dims,
+        "grid_vector_types": config.grid_vector_types, "grid_fit_sentences": config.grid_fit_sentences})
+    with mlflow.start_run(context, run_name="evaluate", tags={"mixsp.stage": "evaluate"}) as run:
+        report = run_evaluate(params)
+        mlflow_api.log_metrics({f"dev/{name.replace('/', '.')}": value for name, value in report["dev"].items()})
+        mlflow_api.log_metrics({"best_dev": report["best_dev"]})
+        mlflow_api.set_tags({"mixsp.best": report["best"], "mixsp.grid_model": report["grid_model"]})
+        reports = paths.pipeline_paths().reports
+        for name in ("evaluation.json", "evaluation.md", "evaluation.png", "grid.json", "grid.md", "grid.png"):
+            mlflow_api.log_artifact(str(reports / name), artifact_path="reports")
+    meta = {
+        "best": report["best"],
+        "best_dev": float(report["best_dev"]),
+        **{f"dev/{name}": float(value) for name, value in report["dev"].items()},
+        "report": dg.MetadataValue.md(Path(reports / "evaluation.md").read_text()),
+        "plot": png_file_markdown(reports / "evaluation.png"),
+        "grid": dg.MetadataValue.md((reports / "grid.md").read_text()),
+        "grid_plot": png_file_markdown(reports / "grid.png"),
+        "mlflow_run_id": run.info.run_id,
+        **file_metadata(paths.pipeline_paths().evaluation),
+    }
+    return dg.MaterializeResult(metadata=meta)
