@@ -43,9 +43,11 @@ def ese_pca(embeddings: torch.Tensor, k: int) -> torch.Tensor:
     """ESE's top-k feature target (batch, k) from embeddings (batch, d); detached, float32."""
     m = embeddings.detach().float()
     d = m.shape[-1]
-    affinity = F.softmax(m.T @ m / math.sqrt(d), dim=-1)
-    u, s, _ = torch.svd_lowrank(affinity, q=k)
-    return m @ (u * s)
+    # Outside autocast: under bf16 autocast the matmuls drop back to bf16, and CUDA has no bf16 QR.
+    with torch.autocast(device_type=m.device.type, enabled=False):
+        affinity = F.softmax(m.T @ m / math.sqrt(d), dim=-1)
+        u, s, _ = torch.svd_lowrank(affinity, q=k)
+        return m @ (u * s)
 
 
 def alignment_loss(x: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
