@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mixsp_core.fsutil import replace_dir
 from mixsp_core.errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
@@ -244,12 +245,7 @@ def write_merged(template: str | os.PathLike[str], state: StateDict, output_dir:
                     meta["training"] = {}
                     meta["merge"] = record
                     cfg.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(work, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mixsp_core.errors import CheckpointError, MixSPError
+from mixsp_core.fsutil import replace_dir
 from mixsp_core.stage_params import StageParams, stage_params
 from mixsp_core.stages import PipelinePaths, atomic_write, read_corpus_file, read_pairs, run_train
 
@@ -52,16 +52,6 @@ def _resolve(path: str) -> Path:
 
     p = Path(path)
     return p if p.is_absolute() else REPO_ROOT / p
-
-
-def _replace_dir(work: Path, target: Path) -> None:
-    """Rename the finished directory ``work`` over ``target`` (the old one removed after the swap)."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(work, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_pipeline_embedder(path: str | Path, device: str | None = None):
@@ -292,7 +282,7 @@ def run_merge(params) -> MergeStageResult:
                                else score(merged.path))
             records[method] = merged.record
         best = max(methods, key=lambda m: methods[m])
-        _replace_dir(scratch / best, paths.merged / "model")
+        replace_dir(scratch / best, paths.merged / "model")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report = {"best_method": best, "methods": methods, "inputs": inputs, "start": start, "start_kind": start_kind,

@@ -11,12 +11,13 @@ never sees half a model and a failed promotion leaves the previous champion as i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from mixsp_core.fsutil import replace_dir
 
 METRIC_TAG = "dev_primary"
 ROLE_TAG = "role"
@@ -93,12 +94,7 @@ def copy_champion(model_dir: Path, target: Path, record: dict[str, Any]) -> Path
         shutil.copytree(model_dir, work, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("trainer_state.json", "optimizer.safetensors"))
         (work / CHAMPION_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(work, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from mixsp_core.fsutil import replace_dir
 from mixsp_core.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
@@ -363,12 +364,7 @@ def write_compressed_model(source: str | Path, chain: TransformChain, output_dir
     try:
         shutil.copytree(src, work, ignore=skip, dirs_exist_ok=True)
         save_transform(chain, work / TRANSFORM_SUBDIR, {"source": str(source), **(info or {})})
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(work, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from mixsp_core.fsutil import replace_dir
 from mixsp_core.config import ModelConfig, build_dataclass
 from mixsp_core.errors import CheckpointError, ConfigError
 
@@ -97,12 +98,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
                         tensors[f"rng.cuda.{i}"] = s
                 save_file(tensors, str(work / OPTIMIZER_FILE))
             (work / STATE_FILE).write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(work, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
