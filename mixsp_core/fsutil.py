@@ -1,13 +1,10 @@
-"""Atomic replacement of artifact directories: a failed or interrupted write never leaves a half-made
-directory in place of a good one."""
+"""Atomic replacement of artifact directories: writers fill a work directory beside the target and swap it
+in at the end, so a failed or interrupted write never leaves a half-made directory in place of a good one."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,15 +17,3 @@ def replace_dir(work: Path, target: Path) -> None:
     os.replace(work, target)
     shutil.rmtree(old, ignore_errors=True)
 
-
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty work directory beside ``target``; on success it replaces ``target`` in one rename,
-    on error it is removed and ``target`` stays as it was."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
-        yield work
-        replace_dir(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
