@@ -52,7 +52,8 @@ def export_spec(source: str | Path, target: str | Path) -> Path:
         if (source / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / name, target / name)
-    with open(source / "tokenizer.json", "rb") as src, gzip.GzipFile(target / "tokenizer.json.gz", "wb", mtime=0) as dst:
+    packed = target / "tokenizer.json.gz"
+    with open(source / "tokenizer.json", "rb") as src, gzip.GzipFile(packed, "wb", mtime=0) as dst:
         shutil.copyfileobj(src, dst)
     return target
 
@@ -111,9 +112,11 @@ def flops_per_sentence(config: dict, tokens: float) -> float:
     return n * (8 * tokens * h * h + 4 * tokens * h * i + 4 * tokens * tokens * h)
 
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity).
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
-                    ("GH200", 989.4), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity). First match wins, so
+# the specific names (PCIe / NVL, GH200) come before the plain SXM ones; H200 SXM has H100 SXM's peak.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200 NVL", 835.0),
+                    ("GH200", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0),
+                    ("L4", 121.0))
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:

@@ -337,12 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out}: {min(len(pool), args.sentences or len(pool)):,} sentences from {pool_source}")
         return 0
     notes: list[str] = []
-    info = machine_info(args.device)
     if cuda:
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device visible to torch")
+    info = machine_info(args.device)
     peak = args.peak_tflops or (peak_bf16_tflops(info.get("gpu", "")) if cuda else None)
     student = find_student(args.student) if any(s.hub_id is None for s in specs) else None
     with tempfile.TemporaryDirectory(prefix="mixsp-bench-") as tmp:

@@ -4,6 +4,7 @@
     mixsp prepare  [--data SPEC] [--config params.yaml]       # pairs table + corpus, validated
     mixsp teacher  [--config params.yaml]                      # teacher embeddings of the corpus (cached)
     mixsp encode   --model MODEL --input SENTENCES.txt --output OUT.npy [--dims K] [--batch-size N] [--device D]
+                   [--precision auto|fp32|bf16|fp16] [--quantize int8] [--token-budget N|auto]
     mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
     mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
     mixsp train    --config FILE                              # FILE: a training config (configs/*.yaml),
@@ -38,13 +39,37 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.success else 1
 
 
-def _load(model: str, device: str | None, dims: int | None):
-    """A model for encode / evaluate: with ``--dims`` the plain loader (prefix dims); otherwise a saved
-    transform (compressed models, the champion) is applied on top."""
+def _inference(args: argparse.Namespace) -> dict:
+    """``--precision`` / ``--quantize`` / ``--token-budget`` as ``load_embedder`` keywords."""
+    return {"precision": args.precision, "quantize": args.quantize, "token_budget": args.token_budget}
+
+
+def _load(model: str, device: str | None, dims: int | None, inference: dict, plain: bool = False):
+    """A model for encode / evaluate: with ``--dims`` (or ``plain``) the plain loader (prefix dims);
+    otherwise a saved transform (compressed models, the champion) is applied on top. ``inference``:
+    :func:`_inference`. Options that do not fit the model or device raise ConfigError."""
     from mixsp_core.models.checkpoint import load_embedder
     from mixsp_core.stages import load_pipeline_embedder
 
-    return load_embedder(model, device=device, dims=dims) if dims else load_pipeline_embedder(model, device=device)
+    try:
+        if dims or plain:
+            return load_embedder(model, device=device, dims=dims, **inference)
+        return load_pipeline_embedder(model, device=device, **inference)
+    except ValueError as err:  # options that do not fit the model or device (--dims, --quantize on CUDA, ...)
+        raise _usage(str(err)) from err
+
+
+def _token_budget(text: str) -> int | str:
+    """``--token-budget``: a positive int or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens or 'auto', got {text!r}")
+    return value
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -53,7 +78,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from mixsp_core.data.corpus import read_corpus
 
     sentences = read_corpus(Path(args.input), allow_empty_lines=False)
-    embedder = _load(args.model, args.device, args.dims)
+    embedder = _load(args.model, args.device, args.dims, _inference(args))
     vectors = np.asarray(embedder.encode(sentences, batch_size=args.batch_size), dtype=np.float32)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     np.save(args.output, vectors)
@@ -83,7 +108,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     pairs = pairs[pairs["split"] != "train"] if not args.include_train else pairs
     if args.grid:
         return _grid(args, pairs)
-    embedder = _load(args.model, args.device, args.dims)
+    embedder = _load(args.model, args.device, args.dims, _inference(args))
     result = evaluate_embedder(embedder, pairs, model=args.model, batch_size=args.batch_size)
     print(format_table(result))
     if args.json:
@@ -96,7 +121,6 @@ def _grid(args: argparse.Namespace, pairs) -> int:
     """`mixsp evaluate --grid`: every (layers, dims, vector type) cell; table, JSON and plot."""
     from mixsp_core.data.corpus import read_corpus
     from mixsp_core.evaluate.grid import GridSpec, run_grid
-    from mixsp_core.models.checkpoint import load_embedder
 
     if args.corpus:
         corpus = read_corpus(Path(args.corpus))
@@ -109,8 +133,8 @@ def _grid(args: argparse.Namespace, pairs) -> int:
     spec = GridSpec(layers=_ints(args.layers), dims=_ints(args.dims_grid),
                     vector_types=args.vector_types.split(","), dim_method=args.dim_method,
                     batch_size=args.batch_size)
-    result = run_grid(load_embedder(args.model, device=args.device), pairs, corpus[: args.fit_sentences], spec,
-                      model=args.model)
+    embedder = _load(args.model, args.device, None, _inference(args), plain=True)
+    result = run_grid(embedder, pairs, corpus[: args.fit_sentences], spec, model=args.model)
     print(result.to_markdown())
     out = result.write(Path(args.output_dir), "grid")
     if args.json:
@@ -209,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dims", type=int, default=None, help="keep the first K dimensions (re-normalised)")
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+        p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="encoder weights while encoding (auto: bf16 on CUDA, fp32 on CPU)")
+        p.add_argument("--quantize", default=None, choices=("int8",),
+                       help="dynamic int8 linear layers (CPU, fp32)")
+        p.add_argument("--token-budget", type=_token_budget, default="auto",
+                       help="tokens per batch instead of --batch-size sentences (auto: 65536 on CUDA, off on CPU)")
         if name == "encode":
             p.add_argument("--input", required=True)
             p.add_argument("--output", required=True)

@@ -54,13 +54,14 @@ def _resolve(path: str) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-def load_pipeline_embedder(path: str | Path, device: str | None = None):
+def load_pipeline_embedder(path: str | Path, device: str | None = None, **inference: Any):
     """``load_embedder`` plus a saved transform (``path/transform/``) applied on top when the loader did
-    not apply it already: what every stage (and `mixsp encode`) uses for a pipeline model directory."""
+    not apply it already: what every stage (and `mixsp encode`) uses for a pipeline model directory.
+    ``inference``: ``load_embedder``'s precision / quantize / token_budget."""
     from mixsp_core.compress import TransformedEmbedder, wrap_if_transformed
     from mixsp_core.models.checkpoint import load_embedder
 
-    embedder = load_embedder(path, device=device)
+    embedder = load_embedder(path, device=device, **inference)
     return embedder if isinstance(embedder, TransformedEmbedder) else wrap_if_transformed(embedder, path)
 
 

@@ -53,9 +53,17 @@ def sentence_key(sentence: str) -> str:
     return hashlib.sha256(sentence.encode("utf-8")).hexdigest()
 
 
+# Caches written before precision / quantize were recorded were encoded in fp32 without quantisation.
+LEGACY_SETTINGS: dict[str, Any] = {"precision": "fp32", "quantize": None}
+# Recorded, not checked: the token budget only regroups sentences into batches (same vectors up to rounding).
+BATCHING_ONLY = ("token_budget",)
+
+
 def encoder_settings(encoder: Any) -> dict[str, Any]:
-    """Settings that change an encoder's output, recorded so a cache is never mixed across them."""
-    return {k: getattr(encoder, k) for k in ("pooling", "normalize", "max_length") if hasattr(encoder, k)}
+    """Settings that change an encoder's output, recorded so a cache is never mixed across them
+    (an encoder that does not report precision / quantize counts as fp32, not quantised)."""
+    keys = ("pooling", "normalize", "max_length", "precision", "quantize", "token_budget")
+    return {**LEGACY_SETTINGS, **{k: getattr(encoder, k) for k in keys if hasattr(encoder, k)}}
 
 
 class TeacherCache:
@@ -183,7 +191,9 @@ class TeacherCache:
         """Embeddings aligned with ``sentences``, encoding (and caching) only sentences not seen before.
 
         ``CacheStats`` counts distinct sentences. Encoder settings (pooling, normalisation,
-        max_length) and width must match what the cache was built with. ``encoder`` may be None
+        max_length, precision, quantize) and width must match what the cache was built with
+        (``meta.json`` ``encoder``; one without precision / quantize counts as fp32, not quantised,
+        the token budget is recorded only). ``encoder`` may be None
         when every sentence is cached (see :meth:`missing`); ``show_progress`` None leaves the
         encoder's default.
         """
@@ -215,11 +225,13 @@ class TeacherCache:
             return
         if int(self.meta["dim"]) != dim:
             raise DataError(self.path_meta, f"cache rows are {self.meta['dim']} wide, the encoder gives {dim}")
-        recorded = self.meta.get("encoder", {})
-        clash = {k: (recorded[k], v) for k, v in settings.items() if k in recorded and recorded[k] != v}
+        recorded = {**LEGACY_SETTINGS, **self.meta.get("encoder", {})}
+        clash = {k: (recorded[k], v) for k, v in settings.items()
+                 if k in recorded and k not in BATCHING_ONLY and recorded[k] != v}
         if clash:
             detail = ", ".join(f"{k}: cache {a!r} vs encoder {b!r}" for k, (a, b) in clash.items())
-            raise DataError(self.path_meta, f"encoder settings differ from the cache's ({detail})")
+            raise DataError(self.path_meta, f"encoder settings differ from the cache's ({detail}); encode with "
+                            "the cache's settings, or use another cache directory (or delete this one)")
 
     def _append(self, keys: list[str], vectors: np.ndarray, dim: int, settings: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -83,3 +83,38 @@ def test_evaluate_grid_writes_table_json_and_plot(tmp_path, senteval_dir, tiny_b
 def test_evaluate_needs_model_and_data_or_config(capsys):
     assert main(["evaluate", "--model", "x"]) == 1
     assert "--config params.yaml" in capsys.readouterr().err
+
+
+def test_encode_precision_quantize_and_token_budget(tmp_path, tiny_bert_dir, capsys):
+    import torch
+
+    from mixsp_core.config import ModelConfig
+    from mixsp_core.models.checkpoint import save_checkpoint
+    from mixsp_core.models.student import BiStudent
+
+    torch.manual_seed(0)
+    config = ModelConfig(kind="bi", encoder=str(tiny_bert_dir), projector_mult=2, output_dim=16, max_length=32)
+    ckpt = save_checkpoint(BiStudent.from_config(config), tmp_path / "student")
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("A man plays a guitar.\nTwo dogs run in the snow.\nHi.\n")
+
+    def encode(*options: str) -> np.ndarray:
+        out = tmp_path / "v.npy"
+        assert main(["encode", "--model", str(ckpt), "--input", str(sentences), "--output", str(out),
+                     "--device", "cpu", *options]) == 0
+        return np.load(out)
+
+    ref = encode("--precision", "fp32")
+    assert ref.shape == (3, 16)
+    np.testing.assert_allclose(encode("--token-budget", "16"), ref, atol=1e-5)
+    assert np.abs(encode("--precision", "bf16") - ref).max() < 0.05
+    assert (encode("--quantize", "int8") * ref).sum(1).min() > 0.95
+    np.testing.assert_allclose(encode("--dims", "8", "--precision", "fp32"),
+                               ref[:, :8] / np.linalg.norm(ref[:, :8], axis=1, keepdims=True), atol=1e-5)
+    capsys.readouterr()
+    assert main(["encode", "--model", str(ckpt), "--input", str(sentences), "--output", str(tmp_path / "x.npy"),
+                 "--device", "cpu", "--quantize", "int8", "--precision", "bf16"]) == 1
+    assert "int8" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
+    for bad in (["--token-budget", "0"], ["--precision", "fp8"], ["--quantize", "int4"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["encode", "--model", "m", "--input", "i", "--output", "o", *bad])

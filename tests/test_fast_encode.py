@@ -12,6 +12,7 @@ from mixsp_core.models.fast import (
     BulkTokenizer,
     TokenizedChunk,
     encode_planned,
+    encode_with,
     gather_tokens,
     plan_chunk,
     stream_plans,
@@ -174,6 +175,17 @@ def test_fast_path_matches_reference_loop(tiny):
     np.testing.assert_allclose(plain.encode(SENTENCES, batch_size=4), expected, atol=1e-5)
 
 
+def test_encode_with_any_model(tiny):
+    def forward(ids, mask):  # a model that insists on a mask, as the trained student does
+        mask = torch.ones_like(ids) if mask is None else mask.long()
+        hidden = tiny.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return {-1: F.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)}
+
+    out = encode_with(SENTENCES, tiny.tokenizer, tiny.max_length, forward, tiny.dim, torch.device("cpu"),
+                      batch_size=4, show_progress=False)
+    np.testing.assert_allclose(out, reference_encode(tiny, SENTENCES), atol=1e-5)
+
+
 def test_fast_path_cls_unnormalised_and_layers(tiny_bert_dir):
     enc = Encoder(tiny_bert_dir, device="cpu", show_progress=False, pooling="cls", normalize=False)
     np.testing.assert_allclose(enc.encode(SENTENCES, batch_size=3), reference_encode(enc, SENTENCES), atol=1e-5)
@@ -216,6 +228,113 @@ def test_bad_settings(tiny_bert_dir):
         Encoder(tiny_bert_dir, device="cpu", token_budget=0)
 
 
+# --------------------------------------------------------------------------- the trained student
+
+
+def _student(tiny_bert_dir, **model):
+    from mixsp_core.config import ModelConfig
+    from mixsp_core.models.student import BiStudent
+
+    torch.manual_seed(0)
+    config = ModelConfig(**{"kind": "bi", "encoder": str(tiny_bert_dir), "projector_mult": 2, "output_dim": 16,
+                            "max_length": 32, **model})
+    return BiStudent.from_config(config).eval()
+
+
+def _plain(student, sentences, **kwargs) -> np.ndarray:
+    """The student's reference loop (``fast=False``), its fast path switched back on after."""
+    student.configure_inference(fast=False)
+    try:
+        return student.encode(sentences, show_progress=False, **kwargs)
+    finally:
+        student.configure_inference()
+
+
+@pytest.mark.parametrize("model", [{}, {"routing": "soft", "pooling": "cls", "output_dim": 0},
+                                   {"num_projectors": 1, "output_activation": "none"}])
+def test_student_fast_path_matches_plain_loop(tiny_bert_dir, model):
+    student = _student(tiny_bert_dir, **model)
+    expected = _plain(student, SENTENCES, batch_size=4)
+    assert student.fast and expected.shape == (len(SENTENCES), student.dim)
+    for batch_size in (1, 4, 64):
+        np.testing.assert_allclose(student.encode(SENTENCES, batch_size=batch_size, show_progress=False),
+                                   expected, atol=1e-5)
+    raw = student.encode(SENTENCES, show_progress=False, normalize=False)
+    np.testing.assert_allclose(raw, _plain(student, SENTENCES, normalize=False), atol=1e-5)
+    student.configure_inference(token_budget=40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # batches side by side on three threads
+        np.testing.assert_allclose(student.encode(SENTENCES, show_progress=False), expected, atol=1e-5)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+        student.configure_inference()
+    student.dims = 8  # a compressed (prefix) student: both paths cut, then re-normalise
+    try:
+        np.testing.assert_allclose(student.encode(SENTENCES, show_progress=False), _plain(student, SENTENCES),
+                                   atol=1e-5)
+    finally:
+        student.dims = None
+    student.train()
+    student.encode(SENTENCES[:3], show_progress=False)
+    assert student.training  # the training mode comes back after encoding
+
+
+def test_student_bf16_and_int8_copies_on_cpu(tiny_bert_dir):
+    student = _student(tiny_bert_dir)
+    ref = _plain(student, SENTENCES)
+    bf16 = student.configure_inference(precision="bf16").encode(SENTENCES, show_progress=False)
+    assert bf16.dtype == np.float32 and np.abs(bf16 - ref).max() < 0.05
+    copy_ = student._encoder_copy.get(student.encoder, "bf16", None)
+    assert next(copy_.parameters()).dtype == torch.bfloat16
+    assert next(student.encoder.parameters()).dtype == torch.float32  # the weights stay fp32
+    assert all(p.dtype == torch.float32 for p in student.routed.parameters())  # heads run in fp32
+    int8 = student.configure_inference(quantize="int8").encode(SENTENCES, show_progress=False)
+    assert (int8 * ref).sum(1).min() > 0.95 and not np.allclose(int8, ref, atol=1e-6)
+    student.configure_inference()
+    np.testing.assert_allclose(student.encode(SENTENCES, show_progress=False), ref, atol=1e-5)
+    assert not any("_encoder_copy" in k for k in student.state_dict())  # the copies are never saved
+    for bad, match in (({"precision": "fp8"}, "precision"), ({"quantize": "int4"}, "quantize"),
+                       ({"quantize": "int8", "precision": "bf16"}, "int8"), ({"token_budget": 0}, "token_budget")):
+        with pytest.raises(ValueError, match=match):
+            student.configure_inference(**bad)
+    assert student.inference["precision"] == "auto" and student.fast
+
+
+def test_wrapped_models_encode_through_the_fast_path(tiny_bert_dir, tmp_path, monkeypatch):
+    from mixsp_core.compress import TransformChain, TransformedEmbedder, make_step, write_compressed_model
+    from mixsp_core.models import encoder as encoder_module
+    from mixsp_core.models import student as student_module
+    from mixsp_core.models.checkpoint import TruncatedEncoder, load_embedder, save_checkpoint
+
+    student = _student(tiny_bert_dir)
+    save_checkpoint(student, tmp_path / "ckpt")
+    plain = _plain(student, SENTENCES)
+    chain = TransformChain([make_step("pca:8")]).fit(plain)
+    write_compressed_model(tmp_path / "ckpt", chain, tmp_path / "pca8")
+    calls: list[str] = []
+
+    def spy(name, real):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(student_module, "encode_with", spy("student", student_module.encode_with))
+    monkeypatch.setattr(encoder_module, "encode_planned", spy("encoder", encoder_module.encode_planned))
+    pca = load_embedder(tmp_path / "pca8", device="cpu")
+    assert isinstance(pca, TransformedEmbedder) and pca.base.fast
+    np.testing.assert_allclose(pca.encode(SENTENCES, show_progress=False), chain.apply(plain), atol=1e-4)
+    assert calls == ["student"]
+    bf16 = load_embedder(tmp_path / "pca8", device="cpu", precision="bf16", token_budget=64)
+    assert bf16.base.inference == {"precision": "bf16", "quantize": None, "token_budget": 64}
+    truncated = load_embedder(tiny_bert_dir, device="cpu", dims=8, quantize="int8")
+    assert isinstance(truncated, TruncatedEncoder) and truncated.quantize == "int8"
+    assert truncated.encode(SENTENCES, show_progress=False).shape == (len(SENTENCES), 8)
+    assert calls == ["student", "encoder"]
+
+
 @pytest.mark.slow
 def test_fast_minilm_matches_sentence_transformers(minilm_dir):
     from sentence_transformers import SentenceTransformer
@@ -223,3 +342,38 @@ def test_fast_minilm_matches_sentence_transformers(minilm_dir):
     ours = Encoder(minilm_dir, device="cpu", show_progress=False).encode(SENTENCES, batch_size=4)
     reference = SentenceTransformer(str(minilm_dir), device="cpu").encode(SENTENCES, batch_size=4)
     np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- benchmark helpers
+
+
+def test_bench_samples_are_shared_prefixes_and_files_round_trip(tmp_path):
+    from benchmarks.corpus import read_sentences, sample, write_sentences
+
+    pool = [f"sentence {i}" for i in range(50)]
+    small, _ = sample(pool, 10, seed=3)
+    large, used = sample(pool, 30, seed=3)
+    assert large[:10] == small  # every model's sample is a prefix of the largest one
+    queries, _ = sample(pool, 20, seed=4, exclude=used)
+    assert not set(queries) & set(large)
+    repeated, _ = sample(pool[:5], 12, seed=0)  # a small pool is repeated, not refused
+    assert len(repeated) == 12 and set(repeated) == set(pool[:5])
+    for name in ("s.txt", "s.txt.gz"):
+        assert read_sentences(write_sentences(pool, tmp_path / name)) == pool
+
+
+def test_bench_flops_bound_and_model_names():
+    from benchmarks.models import flops_per_sentence, parse_models, peak_bf16_tflops
+    from mixsp_core.errors import ConfigError
+
+    minilm = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6}
+    # 6 layers x (8*16*384^2 + 4*16*384*1536 + 4*16^2*384) = 6 x 56,999,936
+    assert flops_per_sentence(minilm, 16) == 6 * (8 * 16 * 384**2 + 4 * 16 * 384 * 1536 + 4 * 256 * 384)
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.4  # SXM, the GPU lent now: H100 SXM's peak
+    assert peak_bf16_tflops("NVIDIA H200 NVL") == 835.0
+    assert peak_bf16_tflops("a toaster") is None
+    assert [m.key for m in parse_models("mpnet, minilm")] == ["mpnet", "minilm"]
+    with pytest.raises(ConfigError, match="--models"):
+        parse_models("minilm,bert")

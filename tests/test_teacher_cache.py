@@ -135,3 +135,35 @@ def test_corrupt_files_give_clear_errors(tmp_path, teacher):
     meta.unlink()
     with pytest.raises(DataError, match=r"meta\.json: missing"):
         TeacherCache(tmp_path, MODEL)
+
+
+def test_precision_and_quantize_are_recorded_and_checked(tmp_path, teacher, tiny_teacher_dir):
+    TeacherCache(tmp_path, MODEL).encode(FIRST, teacher, show_progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["encoder"] == {"pooling": "mean", "normalize": True, "max_length": teacher.max_length,
+                               "precision": "fp32", "quantize": None, "token_budget": None}
+    for other, setting in ((Encoder(tiny_teacher_dir, device="cpu", precision="bf16"), "precision: cache 'fp32'"),
+                           (Encoder(tiny_teacher_dir, device="cpu", quantize="int8"), "quantize: cache None")):
+        with pytest.raises(DataError, match=rf"meta\.json: encoder settings differ.*{setting}"):
+            TeacherCache(tmp_path, MODEL).encode(SECOND, other, show_progress=False)
+    assert len(TeacherCache(tmp_path, MODEL)) == 3  # refused before anything was written
+    # the token budget only regroups batches: recorded, not a clash
+    budget = Encoder(tiny_teacher_dir, device="cpu", token_budget=64)
+    _, stats = TeacherCache(tmp_path, MODEL).encode(SECOND, budget, show_progress=False)
+    assert stats == CacheStats(reused=1, encoded=2)
+
+
+def test_cache_without_the_new_keys_reads_as_fp32(tmp_path, teacher, tiny_teacher_dir):
+    first, _ = TeacherCache(tmp_path, MODEL).encode(FIRST, teacher, show_progress=False)
+    meta_path = tmp_path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["encoder"] = {k: meta["encoder"][k] for k in ("pooling", "normalize", "max_length")}  # as written before
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="precision: cache 'fp32' vs encoder 'bf16'"):
+        TeacherCache(tmp_path, MODEL).encode(SECOND, Encoder(tiny_teacher_dir, device="cpu", precision="bf16"),
+                                             show_progress=False)
+    cache = TeacherCache(tmp_path, MODEL)
+    np.testing.assert_array_equal(cache.lookup(FIRST), first)
+    _, stats = cache.encode(SECOND, teacher, show_progress=False)  # an fp32 encoder fits it and grows it
+    assert stats == CacheStats(reused=1, encoded=2)
+    assert json.loads(meta_path.read_text())["encoder"]["precision"] == "fp32"

@@ -235,7 +235,8 @@ class TruncatedEncoder:
 
 
 def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = None, dims: int | None = None,
-                  max_length: int = 256):
+                  max_length: int = 256, precision: str = "auto", quantize: str | None = None,
+                  token_budget: int | str | None = "auto"):
     """Whatever the CLI's ``--model`` names, ready to use:
 
     * a directory this project saved (config.json with ``"mixsp_kind"``): a :class:`BiStudent`
@@ -245,6 +246,8 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
     ``dims`` keeps the first k output dimensions (re-normalised). A directory with a ``transform/``
     folder (a compressed model, :mod:`mixsp_core.compress`) comes wrapped in its fitted transform. A
     directory with a broken or missing checkpoint file raises CheckpointError naming the file.
+    ``precision`` / ``quantize`` / ``token_budget``: how an embedder encodes (fast path; see
+    :class:`~mixsp_core.models.encoder.Encoder`); a cross model takes only the defaults.
     """
     from mixsp_core.compress import TRANSFORM_SUBDIR, transform_dir, wrap_if_transformed
 
@@ -256,6 +259,11 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
     looks_saved = path.is_dir() and ((path / WEIGHTS_FILE).is_file() or (path / ENCODER_DIR).is_dir())
     if path.is_dir() and (is_checkpoint(path) or (looks_saved and not cfg.is_file())):
         model = load_checkpoint(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if model.kind == "bi":
+            model.configure_inference(precision, quantize, token_budget)
+        elif (precision, quantize, token_budget) != ("auto", None, "auto"):
+            raise ValueError(f"{path}: precision / quantize / token budget apply to embedders; "
+                             "a cross model scores pairs")
         if dims is not None:
             if model.kind != "bi":
                 raise ValueError(f"{path}: --dims applies to embedders; a cross model scores pairs")
@@ -270,7 +278,8 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
             raise CheckpointError(f"{cfg}: unreadable JSON: {err}") from err
     from mixsp_core.models.encoder import Encoder
 
-    encoder = Encoder(name_or_path, device=device, max_length=max_length)
+    encoder = Encoder(name_or_path, device=device, max_length=max_length, precision=precision, quantize=quantize,
+                      token_budget=token_budget)
     if dims is not None:
         if not 1 <= dims <= encoder.dim:
             raise ValueError(f"dims must lie in 1..{encoder.dim}, got {dims}")

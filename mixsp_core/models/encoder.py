@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,15 +14,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedModel
 
-from mixsp_core.models.fast import BulkTokenizer, encode_planned, quantize_int8, tune_malloc
+from mixsp_core.models.fast import BulkTokenizer, InferenceCopy, encode_planned, resolve_inference, tune_malloc
 from mixsp_core.models.pooling import POOLINGS, mean_pool, pool
 from mixsp_core.models.resolve import canonical_id, packaged_model_path, resolve_model
 
 log = logging.getLogger(__name__)
-
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZE = (None, "int8")
-CUDA_TOKEN_BUDGET = 65536  # tokens per batch on CUDA ("auto"): few, large batches keep the GPU busy
 
 
 def _load_model(source: str) -> PreTrainedModel:
@@ -86,17 +81,10 @@ class Encoder:
         self.normalize = normalize
         self.show_progress = show_progress
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = _check_precision(precision, self.device)
-        if quantize not in QUANTIZE:
-            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-        if quantize == "int8" and (self.device.type != "cpu" or self.precision != "fp32"):
-            raise ValueError("quantize='int8' (dynamic int8) runs on CPU in fp32 only")
-        self.quantize = quantize
-        if token_budget == "auto":
-            token_budget = CUDA_TOKEN_BUDGET if self.device.type == "cuda" else None
-        if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
-            raise ValueError(f"token_budget must be a positive int, None or 'auto', got {token_budget!r}")
-        self.token_budget: int | None = token_budget
+        settings = resolve_inference(precision, quantize, token_budget, self.device)
+        self.precision: str = settings[0]
+        self.quantize: str | None = settings[1]
+        self.token_budget: int | None = settings[2]
         self.fast = fast
         # On CUDA, rare lengths go into a few padded batches (fewer launches); on CPU every FLOP counts.
         self.merge_tail = self.device.type == "cuda"
@@ -104,7 +92,7 @@ class Encoder:
         self.tokenize_threads: int | None = None
         # CPU: batches run side by side on this many threads, one intra-op thread each (None: torch's count)
         self.cpu_workers: int | None = None
-        self._infer_cache: tuple[tuple, torch.nn.Module] | None = None
+        self._infer_copy = InferenceCopy()
         self._bulk: tuple[tuple, BulkTokenizer] | None = None
         self.source = resolve_model(self.name)
         try:
@@ -248,21 +236,7 @@ class Encoder:
     def inference_model(self) -> torch.nn.Module:
         """The module the fast path runs: ``self.model`` in fp32, else a cached cast / int8 copy
         (rebuilt when ``self.model``'s weights have changed since)."""
-        if self.precision == "fp32" and self.quantize is None:
-            return self.model
-        key = (id(self.model), tuple(p._version for p in self.model.parameters()), self.precision, self.quantize)
-        if self._infer_cache is not None and self._infer_cache[0] == key:
-            return self._infer_cache[1]
-        self._infer_cache = None  # free the old copy before making the new one
-        model = copy.deepcopy(self.model).eval()
-        if self.precision != "fp32":
-            model.to(PRECISIONS[self.precision])
-        if self.quantize == "int8":
-            model = quantize_int8(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self._infer_cache = (key, model)
-        return model
+        return self._infer_copy.get(self.model, self.precision, self.quantize)
 
     def _run_plain(
         self, sentences: list[str], batch_size: int, show: bool, layers: list[int] | None
@@ -289,14 +263,6 @@ class Encoder:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-def _check_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto' or one of {tuple(PRECISIONS)}, got {precision!r}")
-    return precision
 
 
 def _check_sentences(sentences: Sequence[str]) -> list[str]:

@@ -14,6 +14,7 @@ GPU until the chunk is done and come back asynchronously; the host waits once, a
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import itertools
 import logging
@@ -32,6 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZE = (None, "int8")
+CUDA_TOKEN_BUDGET = 65536  # tokens per batch on CUDA ("auto"): few, large batches keep the GPU busy
 
 _TOKENIZE_PIECE = 2048  # sentences per tokenizer call in the thread pool
 _FIRST_CHUNK = 8192  # a small first chunk: the model starts while the rest is tokenised
@@ -77,7 +82,9 @@ class BulkTokenizer:
 
     def _ids(self, sentences: list[str]) -> list[list[int]]:
         if self._backend is not None:
-            return [e.ids for e in self._backend.encode_batch_fast(sentences, add_special_tokens=True)]
+            # encode_batch_fast skips character offsets (not needed here); older tokenizers lack it
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            return [e.ids for e in encode(sentences, add_special_tokens=True)]
         out = self._tokenizer(sentences, truncation=True, max_length=self.max_length,
                               return_attention_mask=False, return_token_type_ids=False)
         return list(out["input_ids"])
@@ -332,6 +339,24 @@ def encode_planned(sentences: Sequence[str], tokenize: Callable[[Sequence[str]],
     return result
 
 
+def encode_with(sentences: Sequence[str], tokenizer, max_length: int, forward: PooledForward, dim: int,
+                device: torch.device, batch_size: int = 64, show_progress: bool = True,
+                token_budget: int | None = None) -> np.ndarray:
+    """The fast path for any model with a HF ``tokenizer``: ``(len(sentences), dim)`` float32.
+
+    ``forward(ids, mask)`` returns ``{-1: vectors}`` for one batch (``mask`` is None for the usual
+    unpadded batch: pass ``torch.ones_like(ids)`` on if the model insists on one). CPU batches run
+    side by side on ``torch.get_num_threads()`` threads, as in :class:`Encoder`.
+    """
+    if device.type == "cpu":
+        tune_malloc()
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return encode_planned(list(sentences), BulkTokenizer(tokenizer, max_length), forward, {-1: dim}, device,
+                          batch_size, token_budget=token_budget, merge_tail=device.type == "cuda",
+                          pad_id=0 if pad_id is None else int(pad_id), show_progress=show_progress,
+                          workers=torch.get_num_threads())[-1]
+
+
 def _run_batches(batches: list[Batch], run: Callable[[Batch], None], workers: int) -> None:
     """``run`` every batch, on ``workers`` threads pulling from a shared queue (largest batches first,
     so the threads finish together)."""
@@ -355,6 +380,61 @@ def _run_batches(batches: list[Batch], run: Callable[[Batch], None], workers: in
     with ThreadPoolExecutor(min(workers, len(batches)), thread_name_prefix="mixsp-encode") as pool:
         for f in [pool.submit(worker) for _ in range(min(workers, len(batches)))]:
             f.result()  # re-raise a worker's error
+
+
+# --------------------------------------------------------------------------- inference settings
+
+
+def resolve_inference(precision: str, quantize: str | None, token_budget: int | str | None,
+                      device: torch.device) -> tuple[str, str | None, int | None]:
+    """Check the inference-only options for ``device`` and resolve their ``"auto"`` values.
+
+    ``precision``: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or a key of :data:`PRECISIONS`;
+    ``quantize``: None or ``"int8"`` (CPU, fp32 only); ``token_budget``: a positive int, None or
+    ``"auto"`` (:data:`CUDA_TOKEN_BUDGET` on CUDA, None on CPU). Returns ``(precision, quantize,
+    token_budget)``; raises ValueError naming the bad option.
+    """
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    elif precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {tuple(PRECISIONS)}, got {precision!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if quantize == "int8" and (device.type != "cpu" or precision != "fp32"):
+        raise ValueError("quantize='int8' (dynamic int8) runs on CPU in fp32 only")
+    if token_budget == "auto":
+        token_budget = CUDA_TOKEN_BUDGET if device.type == "cuda" else None
+    if token_budget is not None and (isinstance(token_budget, bool) or not isinstance(token_budget, int)
+                                     or token_budget < 1):
+        raise ValueError(f"token_budget must be a positive int, None or 'auto', got {token_budget!r}")
+    return precision, quantize, token_budget
+
+
+class InferenceCopy:
+    """The module a fast path runs: the model itself in fp32, else a cast / int8 copy, cached until the
+    model's weights change (in place, as training does, or moved to another device)."""
+
+    def __init__(self) -> None:
+        self._cache: tuple[tuple, torch.nn.Module] | None = None
+
+    def get(self, model: torch.nn.Module, precision: str, quantize: str | None) -> torch.nn.Module:
+        """``model`` when ``precision == "fp32"`` and ``quantize`` is None, else its (cached) copy."""
+        if precision == "fp32" and quantize is None:
+            return model
+        weights = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+        key = (id(model), weights, precision, quantize)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        self._cache = None  # free the old copy before making the new one
+        copy_ = copy.deepcopy(model).eval()
+        if precision != "fp32":
+            copy_.to(PRECISIONS[precision])
+        if quantize == "int8":
+            copy_ = quantize_int8(copy_)
+        for p in copy_.parameters():
+            p.requires_grad_(False)
+        self._cache = (key, copy_)
+        return copy_
 
 
 # --------------------------------------------------------------------------- CPU helpers

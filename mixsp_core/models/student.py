@@ -6,6 +6,10 @@ HPD's output layer ``Dense(d -> k)`` (tanh by default), whose output is the embe
 towards the PCA_k-projected teacher when HPD is on). Similarity is the cosine of two embeddings.
 ``forward(batch, layers=[i, ...])`` also embeds from earlier encoder layers through the same heads
 (2DMSE / ESE training), which is what the model cut to its first i layers computes.
+
+``encode`` takes the fast path of :mod:`mixsp_core.models.fast` (bulk tokenisation, unpadded batches
+of equal token count, ``inference_mode``, CPU batches side by side); ``fast = False`` keeps the plain
+padded loop as the reference.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel
 
 from mixsp_core.config import ModelConfig
+from mixsp_core.models.fast import InferenceCopy, encode_with, resolve_inference
 from mixsp_core.models.pooling import pool
 from mixsp_core.models.routing import RoutedProjector, RoutingOutput
 
@@ -110,6 +116,10 @@ class BiStudent(nn.Module):
                                       config.projector_mult, config.projector_residual)
         self.output = nn.Linear(d, config.output_dim, bias=config.output_bias) if config.output_dim else None
         self.dims: int | None = None  # keep only the first `dims` outputs in encode (compression)
+        # encode's inference-only settings (configure_inference); not part of the checkpoint
+        self.fast = True
+        self.inference: dict[str, Any] = {"precision": "auto", "quantize": None, "token_budget": "auto"}
+        self._encoder_copy = InferenceCopy()
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> BiStudent:
@@ -119,6 +129,18 @@ class BiStudent(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def configure_inference(self, precision: str = "auto", quantize: str | None = None,
+                            token_budget: int | str | None = "auto", fast: bool = True) -> BiStudent:
+        """Set how :meth:`encode` runs (not the weights): ``precision`` / ``quantize`` apply to the
+        encoder only (a cast / int8 copy; pooling, router, projectors and output layer stay float32),
+        ``token_budget`` sizes the batches, ``fast=False`` takes the plain loop. ``"auto"`` values are
+        resolved on the device of each call (see :func:`mixsp_core.models.fast.resolve_inference`);
+        bad values raise ValueError now. Returns ``self``."""
+        resolve_inference(precision, quantize, token_budget, self.device)
+        self.inference = {"precision": precision, "quantize": quantize, "token_budget": token_budget}
+        self.fast = bool(fast)
+        return self
 
     @property
     def dim(self) -> int:
@@ -173,33 +195,60 @@ class BiStudent(nn.Module):
         extra = {i: self.head(self.route(out.hidden_states[i], mask).z) for i in layers}
         return StudentOutput(self.head(routing.z), routing, extra)
 
-    @torch.inference_mode()
     def encode(self, sentences: Sequence[str], batch_size: int = 64, show_progress: bool = True,
                normalize: bool | None = None) -> np.ndarray:
         """Embeddings ``(n, k)`` float32, row i for ``sentences[i]``; L2-normalised unless
-        ``normalize=False`` (default: the model config's ``normalize``)."""
+        ``normalize=False`` (default: the model config's ``normalize``). Runs in eval mode (the
+        training mode is restored after), on the fast path unless ``self.fast`` is False."""
         sentences = check_sentences(sentences)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         normalize = self.model_config.normalize if normalize is None else normalize
         was_training = self.training
         self.eval()
-        result = np.empty((len(sentences), self.dim), dtype=np.float32)
-        order = np.argsort([-len(s) for s in sentences], kind="stable")  # similar lengths share a batch
         try:
-            with autocast_for(self.device), tqdm(total=len(sentences), desc="encode", unit="sent",
-                                                 disable=not show_progress, leave=False) as bar:
-                for start in range(0, len(order), batch_size):
-                    idx = order[start:start + batch_size]
-                    vec = self(self.tokenize([sentences[i] for i in idx])).embedding.float()
-                    if self.dims:
-                        vec = vec[:, : self.dims]
-                    if normalize:
-                        vec = F.normalize(vec, p=2, dim=-1)
-                    result[idx] = vec.cpu().numpy()
-                    bar.update(len(idx))
+            if not self.fast:
+                return self._encode_plain(sentences, batch_size, show_progress, normalize)
+            precision, quantize, budget = resolve_inference(device=self.device, **self.inference)
+            encoder = self._encoder_copy.get(self.encoder, precision, quantize)
+            return encode_with(sentences, self.tokenizer, self.model_config.max_length,
+                               self._fast_forward(encoder, normalize), self.dim, self.device, batch_size,
+                               show_progress, token_budget=budget)
         finally:
             self.train(was_training)
+
+    def _fast_forward(self, encoder: nn.Module, normalize: bool):
+        """The fast path's forward: ids (and a mask for padded batches) -> final embeddings (float32)."""
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor | None) -> dict[int, torch.Tensor]:
+            # no attention mask for an unpadded batch (SDPA's fastest kernel); pooling still needs one
+            kwargs = {} if mask is None else {"attention_mask": mask.long()}
+            hidden = encoder(input_ids=ids, **kwargs).last_hidden_state.float()
+            full = torch.ones_like(ids) if mask is None else mask.long()
+            return {-1: self._finish(self.head(self.route(hidden, full).z).float(), normalize)}
+
+        return forward
+
+    def _finish(self, vec: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """The first ``dims`` outputs (compression), L2-normalised when ``normalize``."""
+        if self.dims:
+            vec = vec[:, : self.dims]
+        return F.normalize(vec, p=2, dim=-1) if normalize else vec
+
+    @torch.inference_mode()
+    def _encode_plain(self, sentences: list[str], batch_size: int, show_progress: bool,
+                      normalize: bool) -> np.ndarray:
+        """The reference loop: padded batches in character-length order, tokenised per batch
+        (fp32 weights, bf16 autocast on CUDA)."""
+        result = np.empty((len(sentences), self.dim), dtype=np.float32)
+        order = np.argsort([-len(s) for s in sentences], kind="stable")  # similar lengths share a batch
+        with autocast_for(self.device), tqdm(total=len(sentences), desc="encode", unit="sent",
+                                             disable=not show_progress, leave=False) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                vec = self._finish(self(self.tokenize([sentences[i] for i in idx])).embedding.float(), normalize)
+                result[idx] = vec.cpu().numpy()
+                bar.update(len(idx))
         return result
 
     def score_pairs(self, left: Sequence[str], right: Sequence[str], batch_size: int = 64,
