@@ -447,6 +447,10 @@ def run_promote(params, client=None, run_id: str | None = None, tags: dict[str, 
         client.set_terminated(run_id, "FINISHED")
     atomic_write(paths.reports / "champion.json",
                  lambda tmp: tmp.write_text(json.dumps(promotion.to_dict(), indent=2) + "\n"))
+    if promotion.promoted:  # a challenger leaves the champion and its card as they were
+        from mixsp_core.model_card import write_card
+
+        write_card(paths.champion, report, promotion.to_dict(), paths.student)
     return promotion
 
 

@@ -53,7 +53,7 @@ def full_run(tmp_path_factory, senteval_dir, tiny_teacher_dir, tiny_bert_dir):
     return workdir, source, result
 
 
-def test_full_graph_outputs_checks_and_mlflow(full_run):
+def test_full_graph_outputs_checks_and_mlflow(full_run, tiny_bert_dir):
     workdir, _, result = full_run
     assert result.success, [e.message for e in result.all_events if e.is_step_failure]
     assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == dict.fromkeys(ALL_CHECKS, True)
@@ -96,6 +96,13 @@ def test_full_graph_outputs_checks_and_mlflow(full_run):
     assert str(version.version) == "1" and float(version.tags["dev_primary"]) == pytest.approx(report["best_dev"], abs=1e-4)
     record = json.loads((data / "models" / "champion" / "champion.json").read_text())
     assert record["champion_version"] == "1" and record["model_name"] == report["best"]
+    # The generated model card: the champion's own dev figures, base model, dims plot, how to load.
+    card = (data / "models" / "champion" / "README.md").read_text()
+    assert f"**{report['best_dev']:.2f}**" in card and "version 1 (champion)" in card
+    assert f"Base model: `{tiny_bert_dir.name}" in card or str(tiny_bert_dir) in card
+    assert "load_embedder" in card
+    assert "![dev Spearman against dims](dims.png)" in card and (data / "models" / "champion" / "dims.png").is_file()
+    assert "Training time:" in card
 
     # One MLflow run per training / evaluation / promotion, each tagged with this Dagster run.
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("mixsp").experiment_id],
@@ -120,6 +127,7 @@ def test_promotion_that_is_not_better_leaves_the_alias(full_run, tiny_teacher_di
     workdir, source, _ = full_run
     champion_dir = workdir / "data" / "models" / "champion"
     before = file_md5(champion_dir / "model.safetensors")
+    card_before = file_md5(champion_dir / "README.md")
     # The same evaluated model again: not strictly better, so a challenger.
     again = materialize(workdir, source, tiny_teacher_dir, tiny_bert_dir, selection=["champion"])
     assert again.success
@@ -128,6 +136,7 @@ def test_promotion_that_is_not_better_leaves_the_alias(full_run, tiny_teacher_di
     assert str(mlflow.get_model_version_by_alias("mixsp-student", "champion").version) == "1"
     assert mlflow.get_model_version("mixsp-student", "2").tags["role"] == "challenger"
     assert file_md5(champion_dir / "model.safetensors") == before
+    assert file_md5(champion_dir / "README.md") == card_before  # the card still describes version 1
 
 
 def test_model_below_the_dev_floor_is_not_promoted(full_run, tiny_teacher_dir, tiny_bert_dir):
