@@ -9,6 +9,7 @@
     mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
     mixsp train    --config FILE                              # FILE: a training config (configs/*.yaml),
                                                               #   or params.yaml: the pipeline's student
+    mixsp finetune-teacher --config FILE --out DIR            # fine-tuned teacher: DIR/run, DIR/teacher
     mixsp compress --config params.yaml                       # compressed variants of the student
     mixsp merge    --config params.yaml                       # merged snapshots, best on dev kept
     mixsp promote  --config params.yaml                       # registry version; champion alias if better
@@ -209,6 +210,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune_teacher(args: argparse.Namespace) -> int:
+    from mixsp_core.stages import run_finetune_teacher_from_file
+
+    result = run_finetune_teacher_from_file(Path(args.config), Path(args.out))
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixsp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--output", default=None, help="checkpoint directory (default: from the config)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("finetune-teacher", help="fine-tune the teacher encoder on the training pairs, export it")
+    p.add_argument("--config", required=True, help="a plain-encoder training config, e.g. configs/teacher_finetune.yaml")
+    p.add_argument("--out", required=True, help="DIR: the run goes to DIR/run, the exported teacher to DIR/teacher")
+    p.set_defaults(func=_cmd_finetune_teacher)
 
     for stage, helptext in (("compress", "compress stage: PCA / int8 variants of the student (params.yaml)"),
                             ("merge", "merge stage: soups and delta-guided fusion of the run's snapshots"),

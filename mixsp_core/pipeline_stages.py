@@ -100,7 +100,11 @@ def student_config(params, overrides: list[str] | None = None):
     sp = _stages(params)
     config = load_config(_resolve(sp.train.config), overrides=[*sp.train.overrides, *(overrides or [])])
     config.output_dir = str(_paths(params).student)
-    config.data.teacher = cached_teacher(_paths(params)) or params.teacher.model
+    from mixsp_core.teacher_cache import is_finetuned_teacher
+
+    # a fine-tuned teacher's cache is its own folder (teacher/finetuned-<sha>/), not teacher/meta.json's model
+    fine_tuned = is_finetuned_teacher(params.teacher.model)
+    config.data.teacher = params.teacher.model if fine_tuned else cached_teacher(_paths(params)) or params.teacher.model
     return config
 
 

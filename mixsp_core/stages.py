@@ -40,6 +40,14 @@ class PipelinePaths:
     def teacher(self) -> Path:
         return self.root / "teacher"
 
+    def teacher_cache(self, identity: str) -> Path:
+        """The cache folder of one teacher (``identity`` from :func:`mixsp_core.teacher_cache.teacher_identity`):
+        ``teacher/`` for a Hub id or plain folder (the teacher stage's cache, as before),
+        ``teacher/finetuned-<sha16>/`` for a fine-tuned teacher, so its cache sits beside the released
+        teacher's (both under the one DVC output) instead of clashing with it."""
+        _, sep, digest = identity.partition("+finetuned@sha256:")
+        return self.teacher / f"finetuned-{digest[:16]}" if sep else self.teacher
+
     @property
     def models(self) -> Path:
         return self.root / "models"
@@ -122,11 +130,16 @@ def read_corpus_file(paths: PipelinePaths) -> list[str]:
 
 def encode_teacher(corpus: list[str], paths: PipelinePaths, teacher: str, batch_size: int = 64,
                    device: str | None = None, show_progress: bool = True):
-    """Encode the corpus with the teacher through the sentence-hash cache; returns (embeddings, stats)."""
-    from mixsp_core.models.encoder import Encoder
-    from mixsp_core.teacher_cache import TeacherCache
+    """Encode the corpus with the teacher through the sentence-hash cache; returns (embeddings, stats).
 
-    cache = TeacherCache(paths.teacher, model_name=teacher)
+    ``teacher``: a Hub id or a local model folder; a fine-tuned teacher's cache is keyed by the sha256 of
+    its weights (:func:`mixsp_core.teacher_cache.teacher_identity`), so re-training it never serves the old
+    model's rows."""
+    from mixsp_core.models.encoder import Encoder
+    from mixsp_core.teacher_cache import TeacherCache, teacher_identity
+
+    identity = teacher_identity(teacher)
+    cache = TeacherCache(paths.teacher_cache(identity), model_name=identity)
     missing = cache.missing(corpus) if hasattr(cache, "missing") else None
     # Loading the teacher costs seconds and 400 MB: skip it when every sentence is cached already.
     encoder = None if missing == [] else Encoder(teacher, device=device, show_progress=show_progress)
@@ -194,13 +207,32 @@ def run_train(config, paths: PipelinePaths, output: Path | None = None, tracker=
     return run_training(config, pairs, corpus, teacher, out, tracker, show_progress=show_progress)
 
 
+def _pipeline_paths(params_path: Path | None) -> PipelinePaths:
+    from mixsp_core.pipeline_config import REPO_ROOT, load_params
+
+    return PipelinePaths(load_params(params_path or REPO_ROOT / "params.yaml").data.root_path())
+
+
 def run_train_from_file(config_path: Path, output: Path | None = None, params_path: Path | None = None):
     """`mixsp train --config FILE`: FILE is a training config (configs/*.yaml)."""
     from mixsp_core.config import load_config
-    from mixsp_core.pipeline_config import REPO_ROOT, load_params
 
-    params = load_params(params_path or REPO_ROOT / "params.yaml")
-    return run_train(load_config(config_path), PipelinePaths(params.data.root_path()), output)
+    return run_train(load_config(config_path), _pipeline_paths(params_path), output)
+
+
+def run_finetune_teacher_from_file(config_path: Path, output: Path, params_path: Path | None = None,
+                                   show_progress: bool = True):
+    """`mixsp finetune-teacher --config FILE --out DIR`: fine-tune the teacher of FILE (e.g.
+    configs/teacher_finetune.yaml) on the pairs a training run would read, into DIR/run/ and DIR/teacher/."""
+    from mixsp_core.config import load_config
+    from mixsp_core.teacher_finetune import RUN_DIR, check_teacher_config, finetune_teacher
+    from mixsp_core.tracking import tracker_for_run
+
+    config = load_config(config_path)
+    check_teacher_config(config)  # before the pairs are read and an MLflow run is opened
+    pairs, _, _ = training_inputs(config, _pipeline_paths(params_path))
+    tracker = tracker_for_run(config, Path(output) / RUN_DIR)
+    return finetune_teacher(config, pairs, output, tracker, show_progress=show_progress)
 
 
 # --------------------------------------------------------------------------- stage 2: train .. promote

@@ -29,6 +29,7 @@ from mixsp_core.errors import DataError
 EMBEDDINGS = "embeddings.npy"
 INDEX = "index.parquet"
 META = "meta.json"
+FINETUNED_TEACHER_FILE = "mixsp_teacher.json"  # marks a teacher folder written by teacher_finetune.export_teacher
 _COPY_ROWS = 8192  # rows copied per step when rewriting embeddings.npy (bounded memory)
 
 
@@ -57,6 +58,44 @@ def sentence_key(sentence: str) -> str:
 LEGACY_SETTINGS: dict[str, Any] = {"precision": "fp32", "quantize": None}
 # Recorded, not checked: the token budget only regroups sentences into batches (same vectors up to rounding).
 BATCHING_ONLY = ("token_budget",)
+
+
+def is_finetuned_teacher(name_or_path: str | os.PathLike[str]) -> bool:
+    """True for a folder written by :func:`mixsp_core.teacher_finetune.export_teacher` (it holds
+    ``mixsp_teacher.json``)."""
+    return (Path(os.fspath(name_or_path)) / FINETUNED_TEACHER_FILE).is_file()
+
+
+def teacher_identity(name_or_path: str | os.PathLike[str]) -> str:
+    """The name a teacher's cache is keyed by (``meta.json`` ``model``).
+
+    A Hub id or a plain model folder: the name as given (what the teacher stage always used). A fine-tuned
+    teacher folder: ``<base encoder>+finetuned@sha256:<hex of model.safetensors>``, because such a folder is
+    re-written in place by the next fine-tune: keyed by its path, the cache would serve the old model's rows.
+    """
+    name = os.fspath(name_or_path)
+    if not is_finetuned_teacher(name):
+        return name
+    from mixsp_core.models.resolve import sha256_file
+
+    folder = Path(name)
+    record = folder / FINETUNED_TEACHER_FILE
+    try:
+        base = json.loads(record.read_text(encoding="utf-8"))["base_encoder"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(record, f"unreadable fine-tuned teacher record (needs 'base_encoder'): {err}") from err
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise DataError(weights, "missing: a fine-tuned teacher folder must hold its weights as model.safetensors")
+    return f"{base}+finetuned@sha256:{sha256_file(weights)}"
+
+
+def settings_clash(recorded: dict[str, Any], settings: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The output-changing settings on which ``recorded`` and ``settings`` differ: ``{name: (recorded, given)}``
+    (unrecorded precision / quantize count as :data:`LEGACY_SETTINGS`; batching-only settings are ignored)."""
+    recorded = {**LEGACY_SETTINGS, **recorded}
+    return {k: (recorded[k], v) for k, v in settings.items()
+            if k in recorded and k not in BATCHING_ONLY and recorded[k] != v}
 
 
 def encoder_settings(encoder: Any) -> dict[str, Any]:

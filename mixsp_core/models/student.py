@@ -36,22 +36,14 @@ from mixsp_core.models.routing import RoutedProjector, RoutingOutput
 # --------------------------------------------------------------------------- loading the base encoder
 
 
-def _from_pretrained(source: str) -> PreTrainedModel:
-    kwargs = {"use_safetensors": True, "trust_remote_code": False, "dtype": torch.float32}
-    try:
-        return AutoModel.from_pretrained(source, attn_implementation="sdpa", **kwargs)
-    except ValueError as err:  # architectures without SDPA
-        if "sdpa" not in str(err):
-            raise
-        return AutoModel.from_pretrained(source, attn_implementation="eager", **kwargs)
-
-
 def pretrained_encoder(name_or_path: str) -> tuple[PreTrainedModel, object]:
     """The base encoder's pretrained weights and tokenizer (Hub ids resolved to offline copies)."""
+    # the encoder loader's own fallback: its SDPA refusal check matches MPNet's message ("...attention...")
+    from mixsp_core.models.encoder import _load_model
     from mixsp_core.models.resolve import resolve_model
 
     source = resolve_model(name_or_path)
-    return _from_pretrained(source), AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    return _load_model(source), AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def empty_encoder(folder: str | os.PathLike[str]) -> tuple[PreTrainedModel, object]:
