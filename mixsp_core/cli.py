@@ -2,7 +2,7 @@
 
     mixsp validate --data SPEC
     mixsp prepare  [--data SPEC] [--config params.yaml]       # pairs table + corpus, validated
-    mixsp teacher  [--config params.yaml]                      # teacher embeddings of the corpus (cached)
+    mixsp teacher  [--config params.yaml] [--shard K/N | --merge-shards]   # teacher embeddings (cached, sharded)
     mixsp encode   --model MODEL --input SENTENCES.txt --output OUT.npy [--dims K] [--batch-size N] [--device D]
                    [--precision auto|fp32|bf16|fp16] [--quantize int8] [--token-budget N|auto]
     mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
@@ -185,12 +185,22 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
+    from mixsp_core import stages
     from mixsp_core.pipeline_config import load_params
-    from mixsp_core.stages import run_teacher
 
     params = load_params(Path(args.config))
-    stats = run_teacher(params)
-    print(f"teacher cache: {stats.encoded} sentences encoded, {stats.reused} reused")
+    if args.shard:
+        from mixsp_core.teacher_shards import ShardSpec
+
+        done = stages.run_teacher_shard(params, ShardSpec.parse(args.shard))
+        state = f"{done.encoded} sentences encoded" if done.encoded else "already done, nothing encoded"
+        print(f"teacher shard {done.spec}: {done.sentences} sentences -> {done.path} ({state})")
+    elif args.merge_shards:
+        report = stages.run_teacher_merge(params)
+        print(f"teacher cache: {report.added} rows added from {len(report.shards)} shards "
+              f"({', '.join(f'{name}: {n}' for name, n in report.shards.items())})")
+    else:
+        print(stages.run_teacher(params).summary())
     return 0
 
 
@@ -231,8 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="override data.spec")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("teacher", help="teacher stage: encode the corpus with the teacher (cached)")
+    p = sub.add_parser("teacher", help="teacher stage: encode the corpus with the teacher (cached, in shards)")
     p.add_argument("--config", default="params.yaml")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--shard", metavar="K/N", default=None,
+                      help="encode only shard K of N (N = teacher.shards) into data/teacher_shards/, e.g. on "
+                           "another machine; merge with --merge-shards")
+    mode.add_argument("--merge-shards", action="store_true",
+                      help="merge the N shard directories into the cache (encodes nothing; a missing shard "
+                           "is an error)")
     p.set_defaults(func=_cmd_teacher)
 
     for name, helptext in (("encode", "embed one sentence per line into an .npy matrix"),

@@ -62,10 +62,14 @@ class TeacherParams:
     model: str = "sentence-transformers/all-mpnet-base-v2"
     batch_size: int = 64
     device: str = "auto"
+    # Shards of the sentences missing from the cache, encoded side by side (mixsp_core/teacher_shards.py).
+    shards: int = 2
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError("teacher.batch_size", f"must be >= 1, got {self.batch_size}")
+        if not isinstance(self.shards, int) or self.shards < 1:
+            raise ConfigError("teacher.shards", f"must be an integer >= 1, got {self.shards!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError("teacher.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,10 @@ import pandas as pd
 from mixsp_core.data.corpus import build_corpus, read_corpus, write_corpus
 from mixsp_core.data.sources import load_pairs
 from mixsp_core.data.validate import validate_corpus, validate_pairs
+
+if TYPE_CHECKING:
+    from mixsp_core.teacher_cache import SentenceEncoder
+    from mixsp_core.teacher_shards import MergeReport, ShardResult, ShardSpec
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,11 @@ class PipelinePaths:
         teacher's (both under the one DVC output) instead of clashing with it."""
         _, sep, digest = identity.partition("+finetuned@sha256:")
         return self.teacher / f"finetuned-{digest[:16]}" if sep else self.teacher
+
+    @property
+    def teacher_shards(self) -> Path:
+        """Shard directories (shard-K-of-N/) of sharded teacher encoding, merged into ``teacher``."""
+        return self.root / "teacher_shards"
 
     @property
     def models(self) -> Path:
@@ -171,12 +180,114 @@ def run_prepare(params) -> PrepareResult:
     return PrepareResult(pairs, corpus, paths)
 
 
-def run_teacher(params):
-    """Teacher stage: encode the written corpus with the teacher through the cache; returns CacheStats."""
+def teacher_loader(teacher: str, device: str | None = None, threads: int | None = None,
+                   show_progress: bool = True) -> Callable[[], "SentenceEncoder"]:
+    """A loader that builds the teacher ``Encoder`` on first call and returns the same one after.
+    ``threads`` caps the CPU threads it encodes on (None: all), so parallel shards share the cores."""
+    encoder = None
+
+    def load():
+        nonlocal encoder
+        if encoder is None:
+            from mixsp_core.models.encoder import Encoder
+
+            encoder = Encoder(teacher, device=device, show_progress=show_progress)
+            if threads:
+                encoder.cpu_workers = threads
+        return encoder
+
+    return load
+
+
+def encode_teacher_shard(corpus: list[str], paths: PipelinePaths, teacher: str, spec: "ShardSpec",
+                         batch_size: int = 64, device: str | None = None, threads: int | None = None,
+                         show_progress: bool = True) -> "ShardResult":
+    """Encode shard ``spec`` (K of N) of the corpus sentences missing from the teacher cache into
+    ``paths.teacher_shards``; a shard already done is kept (see ``mixsp_core.teacher_shards.encode_shard``)."""
+    from mixsp_core.teacher_shards import encode_shard
+
+    cache_dir, identity = _teacher_cache_of(paths, teacher)
+    return encode_shard(corpus, cache_dir, paths.teacher_shards, identity, spec,
+                        teacher_loader(teacher, device, threads, show_progress), batch_size=batch_size)
+
+
+def merge_teacher_shards(corpus: list[str], paths: PipelinePaths, teacher: str, shards: int) -> "MergeReport":
+    """Merge the ``shards`` shard directories into the teacher cache; every corpus sentence must then be cached."""
+    from mixsp_core.teacher_shards import merge_shards
+
+    cache_dir, identity = _teacher_cache_of(paths, teacher)
+    return merge_shards(cache_dir, paths.teacher_shards, identity, shards, sentences=corpus)
+
+
+def _teacher_cache_of(paths: PipelinePaths, teacher: str) -> tuple[Path, str]:
+    """The cache folder and the name it is keyed by for ``teacher`` (as :func:`encode_teacher` uses them)."""
+    from mixsp_core.teacher_cache import teacher_identity
+
+    identity = teacher_identity(teacher)
+    return paths.teacher_cache(identity), identity
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    """The teacher stage: ``encoded`` corpus sentences were new to the cache (encoded by the shards, here or
+    elsewhere), ``reused`` were cached before; ``encoded_here`` of them were encoded by this call."""
+
+    encoded: int
+    reused: int
+    encoded_here: int
+    rows: int
+    dim: int
+    shards: int
+
+    def summary(self) -> str:
+        return (f"teacher cache: {self.encoded} sentences encoded, {self.reused} reused "
+                f"({self.shards} shards, {self.encoded_here} encoded by this process)")
+
+
+def sharded_teacher(corpus: list[str], paths: PipelinePaths, teacher: str, shards: int, batch_size: int = 64,
+                    device: str | None = None, show_progress: bool = True) -> TeacherResult:
+    """Teacher stage: encode every shard not done yet (one after another, one teacher load), then merge all
+    shards into the cache. Shards encoded beforehand (parallel steps, other machines) are only merged."""
+    from mixsp_core.teacher_cache import TeacherCache
+    from mixsp_core.teacher_shards import all_shards, encode_shard, merge_shards
+
+    cache_dir, identity = _teacher_cache_of(paths, teacher)
+    distinct = len(set(corpus))
+    missing = len(TeacherCache(cache_dir, identity).missing(corpus))
+    load = teacher_loader(teacher, device, show_progress=show_progress)  # loaded once, only if a shard needs it
+    here = sum(encode_shard(corpus, cache_dir, paths.teacher_shards, identity, spec, load,
+                            batch_size=batch_size).encoded for spec in all_shards(shards))
+    merge_shards(cache_dir, paths.teacher_shards, identity, shards, sentences=corpus)
+    cache = TeacherCache(cache_dir, identity)
+    return TeacherResult(encoded=missing, reused=distinct - missing, encoded_here=here, rows=len(corpus),
+                         dim=int(cache.dim or 0), shards=shards)
+
+
+def run_teacher(params) -> TeacherResult:
+    """Teacher stage (`mixsp teacher`, DVC): all ``teacher.shards`` shards of the written corpus, then the merge."""
     paths = PipelinePaths(params.data.root_path())
-    _, stats = encode_teacher(read_corpus_file(paths), paths, params.teacher.model,
-                              batch_size=params.teacher.batch_size, device=params.teacher.resolved_device())
-    return stats
+    t = params.teacher
+    return sharded_teacher(read_corpus_file(paths), paths, t.model, t.shards, batch_size=t.batch_size,
+                           device=t.resolved_device())
+
+
+def run_teacher_shard(params, spec: "ShardSpec") -> "ShardResult":
+    """`mixsp teacher --shard K/N`: one shard, e.g. on another machine; N must be params.yaml's teacher.shards."""
+    from mixsp_core.errors import ConfigError
+
+    if spec.count != params.teacher.shards:
+        raise ConfigError("teacher.shards", f"is {params.teacher.shards}, but --shard {spec} splits into "
+                                            f"{spec.count}; the merge expects {params.teacher.shards} shards")
+    paths = PipelinePaths(params.data.root_path())
+    t = params.teacher
+    return encode_teacher_shard(read_corpus_file(paths), paths, t.model, spec, batch_size=t.batch_size,
+                                device=t.resolved_device())
+
+
+def run_teacher_merge(params) -> "MergeReport":
+    """`mixsp teacher --merge-shards`: merge the shards (encoding nothing); an absent or bad shard is an error."""
+    paths = PipelinePaths(params.data.root_path())
+    return merge_teacher_shards(read_corpus_file(paths), paths, params.teacher.model, params.teacher.shards)
 
 
 def training_inputs(config, paths: PipelinePaths, data_spec: str | None = None):

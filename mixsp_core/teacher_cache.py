@@ -259,14 +259,37 @@ class TeacherCache:
         stats = CacheStats(reused=distinct - len(new), encoded=len(new))
         return self.lookup(sentences), stats
 
+    def add(self, keys: Sequence[str], vectors: np.ndarray, settings: dict[str, Any]) -> int:
+        """Append rows encoded elsewhere (e.g. a shard, see :mod:`mixsp_core.teacher_shards`); returns how many
+        were new.
+
+        ``keys`` are :func:`sentence_key` values aligned with the rows of ``vectors`` (n, dim); ``settings``
+        the encoder's (:func:`encoder_settings`), which, like the width, must match the cache's. Keys already
+        cached are skipped. One atomic commit under the cache lock: on error the cache is unchanged.
+        """
+        keys = list(keys)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(keys):
+            raise ValueError(f"{len(keys)} keys but vectors of shape {vectors.shape}")
+        with _lock(self.directory):
+            self._load()
+            if not keys:
+                return 0
+            self._check_encoder(int(vectors.shape[1]), settings)
+            fresh: dict[str, int] = {}
+            for row, key in enumerate(keys):
+                if key not in self._rows and key not in fresh:
+                    fresh[key] = row
+            if fresh:
+                self._append(list(fresh), vectors[list(fresh.values())], int(vectors.shape[1]), settings)
+        return len(fresh)
+
     def _check_encoder(self, dim: int, settings: dict[str, Any]) -> None:
         if self.meta is None:
             return
         if int(self.meta["dim"]) != dim:
             raise DataError(self.path_meta, f"cache rows are {self.meta['dim']} wide, the encoder gives {dim}")
-        recorded = {**LEGACY_SETTINGS, **self.meta.get("encoder", {})}
-        clash = {k: (recorded[k], v) for k, v in settings.items()
-                 if k in recorded and k not in BATCHING_ONLY and recorded[k] != v}
+        clash = settings_clash(self.meta.get("encoder", {}), settings)
         if clash:
             detail = ", ".join(f"{k}: cache {a!r} vs encoder {b!r}" for k, (a, b) in clash.items())
             raise DataError(self.path_meta, f"encoder settings differ from the cache's ({detail}); encode with "

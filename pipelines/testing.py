@@ -90,6 +90,15 @@ def tiny_sections(source: Path, teacher: Path, encoder: Path) -> dict:
     }
 
 
+def teacher_shard_names() -> list[str]:
+    """The shard assets' names (``teacher_shard_K_of_N``, N = params.yaml teacher.shards)."""
+    from mixsp_core.teacher_shards import all_shards
+    from pipelines.defs.assets.teacher import shard_asset_name
+    from pipelines.params import pipeline_params
+
+    return [shard_asset_name(spec) for spec in all_shards(pipeline_params().teacher.shards)]
+
+
 def tiny_run_config(source: Path, teacher: Path, encoder: Path, selection: list[str] | None = None) -> dict:
     """Dagster run config (``ops``) with every asset's config set for the tiny data and models."""
     s = tiny_sections(source, teacher, encoder)
@@ -97,9 +106,27 @@ def tiny_run_config(source: Path, teacher: Path, encoder: Path, selection: list[
         "sts_pairs": {"spec": s["data"]["spec"]},
         "sentence_corpus": {"corpus_files": s["data"]["corpus_files"], "max_sentences": 200},
         "teacher_embeddings": {"model": s["teacher"]["model"], "batch_size": 16},
+        **{name: {"model": s["teacher"]["model"], "batch_size": 16} for name in teacher_shard_names()},
         "student": s["train"],
         "compressed_variants": s["compress"],
         "merged_model": s["merge"],
         "evaluation_report": {k: v for k, v in s["evaluate"].items() if k != "min_dev_spearman"},
     }
     return {"ops": {name: {"config": cfg} for name, cfg in ops.items() if selection is None or name in selection}}
+
+
+def teacher_job(data_root: str, tracking_uri: str):
+    """The data and teacher assets (shards included) as a job whose resources point at ``data_root``: a
+    reconstruction target (``dagster.build_reconstructable_job``) for test runs on the multiprocess executor."""
+    import dagster as dg
+
+    from pipelines.defs.resources import MlflowResource, ModelGateResource, PathsResource
+
+    selection = dg.AssetSelection.assets("sts_pairs", "sentence_corpus", *teacher_shard_names(), "teacher_embeddings")
+    definitions = dg.Definitions(
+        assets=graph_definitions(),
+        resources={"paths": PathsResource(data_root=data_root, device="cpu"),
+                   "mlflow": MlflowResource(tracking_uri=tracking_uri), "model_gate": ModelGateResource()},
+        jobs=[dg.define_asset_job("sharded_teacher", selection=selection)],
+    )
+    return definitions.resolve_job_def("sharded_teacher")
