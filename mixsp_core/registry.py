@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mixsp_core.fsutil import replace_dir
+from mixsp_core.fsutil import writing_dir
 
 METRIC_TAG = "dev_primary"
 ROLE_TAG = "role"
@@ -88,15 +87,10 @@ def register_version(client, registered_model: str, run_id: str, model_dir: Path
 
 def copy_champion(model_dir: Path, target: Path, record: dict[str, Any]) -> Path:
     """Copy checkpoint ``model_dir`` to ``target`` atomically, with ``champion.json`` (``record``) inside."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
+    with writing_dir(target) as work:
         shutil.copytree(model_dir, work, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("trainer_state.json", "optimizer.safetensors"))
         (work / CHAMPION_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        replace_dir(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return target
 
 

@@ -145,10 +145,10 @@ def encode_teacher(corpus: list[str], paths: PipelinePaths, teacher: str, batch_
     its weights (:func:`mixsp_core.teacher_cache.teacher_identity`), so re-training it never serves the old
     model's rows."""
     from mixsp_core.models.encoder import Encoder
-    from mixsp_core.teacher_cache import TeacherCache, teacher_identity
+    from mixsp_core.teacher_cache import TeacherCache
 
-    identity = teacher_identity(teacher)
-    cache = TeacherCache(paths.teacher_cache(identity), model_name=identity)
+    cache_dir, identity = _teacher_cache_of(paths, teacher)
+    cache = TeacherCache(cache_dir, model_name=identity)
     missing = cache.missing(corpus) if hasattr(cache, "missing") else None
     # Loading the teacher costs seconds and 400 MB: skip it when every sentence is cached already.
     encoder = None if missing == [] else Encoder(teacher, device=device, show_progress=show_progress)

@@ -19,8 +19,6 @@ Layout of ``out_dir``::
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import pandas as pd
 
 from mixsp_core.config import RunConfig
 from mixsp_core.errors import CheckpointError, ConfigError
-from mixsp_core.fsutil import replace_dir
+from mixsp_core.fsutil import writing_dir
 from mixsp_core.teacher_cache import FINETUNED_TEACHER_FILE
 from mixsp_core.tracking import Tracker
 from mixsp_core.train import TrainResult, run_training
@@ -107,10 +105,7 @@ def export_teacher(checkpoint_dir: str | Path, target: str | Path, provenance: d
         raise CheckpointError(f"{Path(checkpoint_dir) / 'config.json'}: not a plain encoder (kind {model.kind!r}, "
                               f"num_projectors {mc.num_projectors}, output_dim {mc.output_dim}); cannot export "
                               "it as a teacher without dropping trained layers")
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
+    with writing_dir(Path(target)) as work:
         model.encoder.save_pretrained(work, safe_serialization=True)
         model.tokenizer.save_pretrained(work)
         _write_sentence_transformers_files(work, mc.pooling, mc.normalize, model.hidden_dim,
@@ -119,9 +114,6 @@ def export_teacher(checkpoint_dir: str | Path, target: str | Path, provenance: d
         record = {**(provenance or {}), "pooling": mc.pooling, "normalize": mc.normalize,
                   "weights_sha256": digest}
         (work / FINETUNED_TEACHER_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        replace_dir(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return digest
 
 
