@@ -114,6 +114,7 @@ class LossConfig:
     routing: float = 0.0  # MixSP router loss (published a2)
     routing_class_counts: list[int] = field(default_factory=list)  # [lower, upper]; empty: count train pairs
     distill: float = 0.0  # HPD: MSE(student, PCA_k(teacher))
+    distill_sim: float = 0.0  # MSE between student and teacher in-batch cosines (distillation sentences)
     infonce: float = 0.0
     infonce_temperature: float = 0.05
     # Trained-in compression (bi only; mixsp_core.losses.matryoshka). A = the weighted STS terms above.
@@ -123,6 +124,11 @@ class LossConfig:
     layer_mode: str = "sample"  # sample: one earlier layer per step (2DMSE); all: mean over all (ESE)
     ese_alignment: float = 0.0  # ESE: weight of D(e[:ese_dim], PCA_ese_dim(e)) (and inside the layer term)
     ese_dim: int = 64
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a term reads teacher targets on the distillation sentences."""
+        return self.distill > 0 or self.distill_sim > 0
 
     def validate(self, prefix: str = "loss") -> None:
         for name in _LOSS_TERMS:
@@ -151,7 +157,10 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 16  # pairs per step (global: all torchrun processes together)
     batch_by_task: bool = True  # each pair batch from one task (gold scales differ between tasks)
-    distill_batch_size: int = 32  # corpus sentences per step (when loss.distill > 0)
+    distill_batch_size: int = 32  # corpus sentences per step (when loss.distill or distill_sim > 0)
+    # k > 0: each distillation batch is distill_batch_size / (k + 1) random sentences with their k nearest
+    # neighbours in the teacher's space, so distill_sim sees close pairs too (random ones are mostly unrelated)
+    distill_neighbours: int = 0
     nli_batch_size: int = 16  # triplets per step (when loss.infonce > 0)
     lr: float = 5e-5
     head_lr: float = 0.0  # router/projectors/output layer; 0: same as lr
@@ -181,6 +190,10 @@ class TrainConfig:
             _at_least(f"{prefix}.{name}", getattr(self, name), 1)
         if self.batch_size < 2:
             raise ConfigError(f"{prefix}.batch_size", "needs at least 2 pairs: the STS losses compare pairs")
+        _at_least(f"{prefix}.distill_neighbours", self.distill_neighbours, 0)
+        if self.distill_batch_size % (self.distill_neighbours + 1):
+            raise ConfigError(f"{prefix}.distill_batch_size", f"must be a multiple of distill_neighbours + 1 "
+                              f"({self.distill_neighbours + 1}), got {self.distill_batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr", f"must be > 0, got {self.lr}")
         _at_least(f"{prefix}.head_lr", self.head_lr, 0.0)
@@ -243,7 +256,7 @@ class RunConfig:
         if not terms:
             raise ConfigError("loss", "every loss weight is 0: nothing to train")
         if kind == "cross":
-            for name in ("cosent", "pearson", "rank_kl", "listwise", "distill", "infonce"):
+            for name in ("cosent", "pearson", "rank_kl", "listwise", "distill", "distill_sim", "infonce"):
                 if getattr(loss, name) > 0:
                     raise ConfigError(f"loss.{name}", "not available for the cross model (it scores pairs, "
                                       "it does not embed sentences); use score_bce and routing")
@@ -251,10 +264,12 @@ class RunConfig:
             raise ConfigError("loss.score_bce", "only the cross model has a score head")
         if loss.routing > 0 and self.model.num_projectors != 2:
             raise ConfigError("loss.routing", "the routing loss needs model.num_projectors: 2 (upper / lower)")
-        if loss.distill > 0 and self.model.output_dim == 0:
-            raise ConfigError("loss.distill", "distillation needs an output projection (model.output_dim > 0)")
-        if self.model.output_init == "teacher" and loss.distill <= 0:
-            raise ConfigError("model.output_init", "'teacher' needs teacher targets: set loss.distill > 0")
+        for name in ("distill", "distill_sim"):
+            if getattr(loss, name) > 0 and self.model.output_dim == 0:
+                raise ConfigError(f"loss.{name}", "distillation needs an output projection (model.output_dim > 0)")
+        if self.model.output_init == "teacher" and not loss.uses_teacher:
+            raise ConfigError("model.output_init",
+                              "'teacher' needs teacher targets: set loss.distill or loss.distill_sim > 0")
         if loss.infonce > 0 and not self.data.nli:
             raise ConfigError("loss.infonce", "needs NLI triplets: set data.nli: true")
         compression = [name for name in _COMPRESSION_TERMS if getattr(loss, name) > 0]
@@ -276,7 +291,7 @@ class RunConfig:
 
 _STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) of a batch of pairs
 _COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
-_LOSS_TERMS = (*_STS_TERMS, "score_bce", "routing", "distill", "infonce", *_COMPRESSION_TERMS)
+_LOSS_TERMS = (*_STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS)
 
 
 # --------------------------------------------------------------------------- building from dicts

@@ -84,7 +84,8 @@ def build_card(champion: Path, evaluation: dict[str, Any], promotion: dict[str, 
         if grid_md.is_file():
             lines.append(grid_md.read_text(encoding="utf-8").strip())
     encoder, teacher = model.get("encoder", "?"), data.get("teacher") or "?"
-    distill = float(loss.get("distill", 0) or 0)
+    distill, distill_sim = float(loss.get("distill", 0) or 0), float(loss.get("distill_sim", 0) or 0)
+    how = [f"HPD MSE weight {distill:g}"] * (distill > 0) + [f"similarity MSE weight {distill_sim:g}"] * (distill_sim > 0)
     lines += [
         "",
         "## Model",
@@ -92,8 +93,8 @@ def build_card(champion: Path, evaluation: dict[str, Any], promotion: dict[str, 
         f"- Base model: `{encoder}` ({model.get('kind', '?')} encoder, max {model.get('max_length', '?')} tokens).",
         f"- Head: {model.get('num_projectors', '?')} projector(s), {model.get('routing', '?')} routing, output "
         f"layer to {model.get('output_dim', '?')} dims ({model.get('output_activation', '?')}).",
-        f"- Teacher: `{teacher}`; " + (f"distilled with weight {distill:g} (HPD)." if distill > 0 else
-                                        "not distilled by this config (distill weight 0)."),
+        f"- Teacher: `{teacher}`; " + (f"distilled ({', '.join(how)})." if how else
+                                        "not distilled by this config (distill weights 0)."),
         "",
         "## Training",
         "",

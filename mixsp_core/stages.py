@@ -300,7 +300,7 @@ def training_inputs(config, paths: PipelinePaths, data_spec: str | None = None):
     """
     spec = data_spec or config.data.spec
     pairs = read_pairs(paths) if spec == "auto" else load_validated_pairs(spec)
-    if config.loss.distill <= 0 and config.model.output_init != "teacher":
+    if not config.loss.uses_teacher and config.model.output_init != "teacher":
         return pairs, None, None
     corpus = read_corpus_file(paths) if config.data.corpus == "auto" else read_corpus(Path(config.data.corpus))
     teacher, _ = encode_teacher(corpus, paths, config.data.teacher)

@@ -47,7 +47,7 @@ from mixsp_core.errors import CheckpointError, ConfigError, DataError
 from mixsp_core.evaluate.plots import plot_class_histogram, plot_dev_curve
 from mixsp_core.evaluate.sts import correlations, cosine_rows
 from mixsp_core.losses import (CoSENTLoss, DistillLoss, InfoNCELoss, ListwiseRankLoss, PearsonLoss, RankKLLoss,
-                               RoutingLoss, ScoreBCELoss, fit_pca_projection)
+                               RoutingLoss, ScoreBCELoss, SimilarityDistillLoss, fit_pca_projection)
 from mixsp_core.losses.matryoshka import MatryoshkaLoss, alignment_loss, ese_pca, layer_weight
 from mixsp_core.models.checkpoint import (build_model, load_checkpoint, read_trainer_state, restore_optimizer,
                                           save_checkpoint)
@@ -195,7 +195,7 @@ def distill_targets(config: RunConfig, corpus: Sequence[str] | None,
                     teacher: np.ndarray | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
     """The distillation sentences and their targets: teacher rows (aligned with ``corpus``) projected
     to ``model.output_dim`` by an uncentred PCA fitted here; rows already that wide are used as is."""
-    if config.loss.distill <= 0 and config.model.output_init != "teacher":
+    if not config.loss.uses_teacher and config.model.output_init != "teacher":
         return [], None, None
     if corpus is None or teacher is None:
         raise ConfigError("loss.distill", "distillation needs the corpus and its teacher embeddings")
@@ -208,6 +208,44 @@ def distill_targets(config: RunConfig, corpus: Sequence[str] | None,
         return corpus, teacher, None
     targets, components = fit_pca_projection(teacher, k, seed=config.seed)
     return corpus, targets, components
+
+
+@dataclass(frozen=True)
+class NeighbourBatches:
+    """Distillation batches of ``anchors.batch_size`` random rows, each followed by its nearest neighbours
+    (``neighbours[row]``, k per row): a batch of ``anchors.batch_size * (k + 1)`` rows in which every
+    anchor has close partners. A pure function of (seed, step), like :class:`BatchStream`."""
+
+    anchors: BatchStream
+    neighbours: np.ndarray  # (n, k) row indices
+
+    def indices(self, step: int) -> np.ndarray:
+        rows = self.anchors.indices(step)
+        return np.concatenate([rows[:, None], self.neighbours[rows]], axis=1).reshape(-1)
+
+
+def nearest_neighbours(vectors: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """The ``k`` rows of highest cosine to each row (itself excluded), shape ``(n, k)``."""
+    if not 1 <= k < len(vectors):
+        raise ConfigError("train.distill_neighbours", f"must be between 1 and {len(vectors) - 1} (the "
+                          f"distillation sentences less one), got {k}")
+    unit = F.normalize(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), dim=1)
+    out = np.empty((len(unit), k), dtype=np.int64)
+    for start in range(0, len(unit), chunk):
+        sims = unit[start:start + chunk] @ unit.T
+        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -2.0  # not itself
+        out[start:start + chunk] = sims.topk(k, dim=1).indices.numpy()
+    return out
+
+
+def distill_batches(targets: np.ndarray | None, batch_size: int, neighbours: int,
+                    seed: int) -> BatchStream | NeighbourBatches:
+    """The distillation row stream: plain random batches, or anchors with their teacher-space neighbours."""
+    size = 0 if targets is None else len(targets)
+    if neighbours == 0 or targets is None:
+        return BatchStream(size, batch_size, seed, 1)
+    return NeighbourBatches(BatchStream(size, batch_size // (neighbours + 1), seed, 1),
+                            nearest_neighbours(targets, neighbours))
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -255,7 +293,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
 
 
 STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) over a batch of pairs
-LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "infonce", "matryoshka", "layers", "ese_alignment")
+LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", "matryoshka", "layers", "ese_alignment")
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -290,6 +328,7 @@ class Objective(nn.Module):
         self.score_bce = ScoreBCELoss()
         self.routing = RoutingLoss(class_counts)
         self.distill = DistillLoss()
+        self.distill_sim = SimilarityDistillLoss()
         self.infonce = InfoNCELoss(lc.infonce_temperature)
         self.layer_mode, self.ese_dim = lc.layer_mode, lc.ese_dim
         # prefixes only: the full-width term is the STS terms themselves
@@ -345,11 +384,17 @@ class Objective(nn.Module):
             terms["routing"] = (self.routing(gather(gates[0]), upper) + self.routing(gather(gates[1]), upper)) / 2
         return terms
 
-    def distill_term(self, model: nn.Module, sentences: list[str], targets: torch.Tensor,
-                     forward: Callable | None = None, gather: Gather = _no_gather) -> torch.Tensor:
-        """HPD: this process's ``sentences``; ``targets`` of the global batch."""
-        student = (forward or model)(model.tokenize(sentences)).embedding
-        return self.distill(gather(student), targets)
+    def distill_terms(self, model: nn.Module, sentences: list[str], targets: torch.Tensor,
+                      forward: Callable | None = None, gather: Gather = _no_gather) -> dict[str, torch.Tensor]:
+        """HPD's MSE and/or the similarity MSE (whichever is weighted): this process's ``sentences``;
+        ``targets`` of the global batch."""
+        student = gather((forward or model)(model.tokenize(sentences)).embedding)
+        terms = {}
+        if "distill" in self.weights:
+            terms["distill"] = self.distill(student, targets)
+        if "distill_sim" in self.weights:
+            terms["distill_sim"] = self.distill_sim(student, targets)
+        return terms
 
     def nli_term(self, model: nn.Module, anchor: list[str], positive: list[str], negative: list[str],
                  forward: Callable | None = None, gather: Gather = _no_gather) -> torch.Tensor:
@@ -480,7 +525,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
 
     # ---- data streams (global batches; each rank takes its slice)
     ctx.check_divisible("train.batch_size", tc.batch_size)
-    if lc.distill > 0:
+    if lc.uses_teacher:
         ctx.check_divisible("train.distill_batch_size", tc.distill_batch_size)
     if lc.infonce > 0:
         ctx.check_divisible("train.nli_batch_size", tc.nli_batch_size)
@@ -491,7 +536,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
                               tuple(train["task"]) if tc.batch_by_task else None)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * pair_stream.batches_per_epoch))
     distill_sentences, targets, components = distill_targets(config, corpus, teacher_targets)
-    distill_stream = BatchStream(len(distill_sentences), tc.distill_batch_size, config.seed, 1)
+    distill_stream = distill_batches(targets, tc.distill_batch_size, tc.distill_neighbours, config.seed)
     if lc.infonce > 0 and triplets is None:
         triplets = load_triplets(config)
     nli_stream = BatchStream(len(triplets), tc.nli_batch_size, config.seed, 2) if lc.infonce > 0 else None
@@ -573,9 +618,9 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 terms = objective.pair_terms(model, list(train["sentence1"].iloc[local]),
                                              list(train["sentence2"].iloc[local]), gold, step, net, ctx.gather)
-                if lc.distill > 0:
+                if lc.uses_teacher:
                     rows = distill_stream.indices(step)
-                    terms["distill"] = objective.distill_term(
+                    terms |= objective.distill_terms(
                         model, [distill_sentences[i] for i in ctx.shard(rows)],
                         torch.as_tensor(targets[rows], device=device), net, ctx.gather)
                 if nli_stream is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixsp_core.losses import (CoSENTLoss, DistillLoss, InfoNCELoss, ListwiseRankLoss, PearsonLoss, RankKLLoss,
-                               RoutingLoss, ScoreBCELoss, fit_pca_projection)
+                               RoutingLoss, ScoreBCELoss, SimilarityDistillLoss, fit_pca_projection)
 
 T = torch.tensor
 
@@ -81,6 +81,26 @@ def test_routing_loss_prefers_the_right_projector():
 
 def test_distill_mse_by_hand():
     assert DistillLoss()(T([[1.0, 2.0]]), T([[0.0, 4.0]])).item() == pytest.approx((1 + 4) / 2)
+
+
+def test_similarity_distill_by_hand():
+    # student cosines of the pairs (0,1), (0,2), (1,2): 0, 1/sqrt(2), 1/sqrt(2); teacher's: 1, 0, 0
+    student, teacher = T([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), T([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    expected = (1 + 0.5 + 0.5) / 3
+    assert SimilarityDistillLoss()(student, teacher).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_similarity_distill_ignores_scale_and_basis_but_not_geometry():
+    rng = np.random.default_rng(0)
+    teacher = T(rng.normal(size=(8, 5)), dtype=torch.float32)
+    rotation = T(np.linalg.qr(rng.normal(size=(5, 5)))[0], dtype=torch.float32)
+    loss = SimilarityDistillLoss()
+    assert loss(3.0 * teacher @ rotation, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    student = T(rng.normal(size=(8, 5)), dtype=torch.float32, requires_grad=True)
+    value = loss(student, teacher)
+    value.backward()
+    assert value.item() > 0.01 and student.grad.abs().sum() > 0
+    assert loss(student[:1], teacher[:1]).item() == 0.0  # one sentence: no pair
 
 
 def test_fit_pca_projection_is_uncentred_svd():

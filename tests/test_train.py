@@ -11,7 +11,8 @@ from mixsp_core.config import config_from_dict
 from mixsp_core.errors import CheckpointError, ConfigError
 from mixsp_core.models.checkpoint import load_checkpoint
 from mixsp_core.tracking import NullTracker
-from mixsp_core.train import BatchStream, Objective, run_training, select_pairs
+from mixsp_core.train import (BatchStream, NeighbourBatches, Objective, distill_batches, nearest_neighbours, run_training,
+                              select_pairs)
 from tests.train_helpers import one_thread, small_pairs, tiny_config
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -133,6 +134,53 @@ def test_soft_routing_distillation_and_pca_init(tiny_bert_dir, pairs, tmp_path):
                  tracker=tracker, show_progress=False)
     assert len(tracker.series("train/distill")) == 4
     assert np.load(tmp_path / "d" / "teacher_pca_components.npy").shape == (16, 24)
+
+
+def test_similarity_distillation_alone_reads_teacher_targets(tiny_bert_dir, pairs, tmp_path):
+    corpus = list(dict.fromkeys(pairs["sentence1"]))[:40]
+    teacher = np.random.default_rng(1).normal(size=(len(corpus), 16)).astype(np.float32)
+    config = tiny_config(tiny_bert_dir, loss={"distill_sim": 1.0}, train={"max_steps": 3, "distill_batch_size": 8})
+    tracker = NullTracker()
+    run_training(config, pairs, corpus=corpus, teacher_targets=teacher, out_dir=tmp_path / "s",
+                 tracker=tracker, show_progress=False)
+    assert len(tracker.series("train/distill_sim")) == 3 and not tracker.series("train/distill")
+    with pytest.raises(ConfigError, match="loss.distill"):
+        run_training(config, pairs, out_dir=tmp_path / "s2", tracker=NullTracker(), show_progress=False)
+
+
+def test_nearest_neighbours_match_brute_force():
+    vectors = np.random.default_rng(2).normal(size=(50, 6)).astype(np.float32)
+    found = nearest_neighbours(vectors, 3, chunk=16)  # several chunks
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    assert np.array_equal(np.sort(found, axis=1), np.sort(np.argsort(-sims, axis=1)[:, :3], axis=1))
+    with pytest.raises(ConfigError, match="train.distill_neighbours"):
+        nearest_neighbours(vectors, 50)
+
+
+def test_neighbour_batches_put_each_anchor_beside_its_neighbours():
+    targets = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
+    stream = distill_batches(targets, batch_size=12, neighbours=3, seed=0)
+    assert isinstance(stream, NeighbourBatches)
+    table = nearest_neighbours(targets, 3)
+    batch = stream.indices(5).reshape(3, 4)  # 3 anchors, each + 3 neighbours
+    for anchor, *near in batch:
+        assert list(near) == list(table[anchor])
+    assert isinstance(distill_batches(targets, 12, 0, 0), BatchStream)
+    with pytest.raises(ConfigError, match="train.distill_batch_size"):
+        config_from_dict({"train": {"distill_batch_size": 10, "distill_neighbours": 3}})
+
+
+def test_similarity_distillation_on_neighbour_batches_trains(tiny_bert_dir, pairs, tmp_path):
+    corpus = list(dict.fromkeys(pairs["sentence1"]))[:40]
+    teacher = np.random.default_rng(4).normal(size=(len(corpus), 16)).astype(np.float32)
+    config = tiny_config(tiny_bert_dir, loss={"distill_sim": 1.0},
+                         train={"max_steps": 2, "distill_batch_size": 8, "distill_neighbours": 3})
+    tracker = NullTracker()
+    run_training(config, pairs, corpus=corpus, teacher_targets=teacher, out_dir=tmp_path / "n",
+                 tracker=tracker, show_progress=False)
+    assert len(tracker.series("train/distill_sim")) == 2
 
 
 def test_distillation_without_teacher_is_a_config_error(tiny_bert_dir, pairs, tmp_path):

@@ -8,8 +8,9 @@ from mixsp_core.losses.pearson import PearsonLoss
 from mixsp_core.losses.rank_kl import RankKLLoss
 from mixsp_core.losses.routing import PUBLISHED_CLASS_COUNTS, RoutingLoss
 from mixsp_core.losses.score_bce import ScoreBCELoss
+from mixsp_core.losses.similarity_distill import SimilarityDistillLoss
 
 __all__ = [
     "CoSENTLoss", "DistillLoss", "InfoNCELoss", "ListwiseRankLoss", "PearsonLoss", "RankKLLoss",
-    "RoutingLoss", "ScoreBCELoss", "PUBLISHED_CLASS_COUNTS", "fit_pca_projection",
+    "RoutingLoss", "ScoreBCELoss", "SimilarityDistillLoss", "PUBLISHED_CLASS_COUNTS", "fit_pca_projection",
 ]
