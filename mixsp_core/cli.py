@@ -12,6 +12,7 @@
     mixsp finetune-teacher --config FILE --out DIR            # fine-tuned teacher: DIR/run, DIR/teacher
     mixsp compress --config params.yaml                       # compressed variants of the student
     mixsp merge    --config params.yaml                       # merged snapshots, best on dev kept
+    mixsp soup     RUN_DIR RUN_DIR... --out DIR [--methods uniform,greedy,fusion]   # merge several runs
     mixsp promote  --config params.yaml                       # registry version; champion alias if better
 """
 
@@ -228,6 +229,16 @@ def _cmd_finetune_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_soup(args: argparse.Namespace) -> int:
+    from mixsp_core.stages import pipeline_paths_of, run_soup
+
+    methods = [m for m in args.methods.split(",") if m]
+    result = run_soup([Path(r) for r in args.runs], Path(args.out), pipeline_paths_of(Path(args.config)), methods,
+                      p=args.p, batch_size=args.batch_size)
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixsp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a plain-encoder training config, e.g. configs/teacher_finetune.yaml")
     p.add_argument("--out", required=True, help="DIR: the run goes to DIR/run, the exported teacher to DIR/teacher")
     p.set_defaults(func=_cmd_finetune_teacher)
+
+    p = sub.add_parser("soup", help="merge the best checkpoints of several training runs; keep the best on dev")
+    p.add_argument("runs", nargs="+", help="training run directories (best/, start/) from one config seed")
+    p.add_argument("--out", required=True, help="the merged checkpoint directory")
+    p.add_argument("--methods", default="uniform,greedy,fusion", help="merge methods to try (comma-joined)")
+    p.add_argument("--p", type=float, default=1.0, help="delta-guided fusion exponent")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--config", default="params.yaml", help="the pipeline params: dev pairs come from its data root")
+    p.set_defaults(func=_cmd_soup)
 
     for stage, helptext in (("compress", "compress stage: PCA / int8 variants of the student (params.yaml)"),
                             ("merge", "merge stage: soups and delta-guided fusion of the run's snapshots"),

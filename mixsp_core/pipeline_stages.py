@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mixsp_core.errors import CheckpointError, MixSPError
+from mixsp_core.errors import CheckpointError, ConfigError, MixSPError
 from mixsp_core.fsutil import replace_dir
 from mixsp_core.stage_params import StageParams, stage_params
 from mixsp_core.stages import PipelinePaths, atomic_write, read_corpus_file, read_pairs, run_train
@@ -261,40 +261,67 @@ class MergeStageResult:
         return f"merged {len(self.inputs)} checkpoints from {self.start} -> {self.path}\n" + "\n".join(rows)
 
 
+def merge_keep_best(checkpoints: list, start: str | None, methods: list[str], p: float, pairs: pd.DataFrame,
+                    batch_size: int, target: Path) -> dict[str, Any]:
+    """Each merge method over ``checkpoints`` (fine-tuned from ``start``); the best on ``pairs`` (dev) is
+    swapped in atomically at ``target``. Returns the report: best method, each method's and input's dev."""
+    from mixsp_core.merge import merge_checkpoints
+
+    def score(path: Path) -> float:
+        return float(evaluate_dir(Path(path), pairs, batch_size)["dev"])
+
+    inputs = {str(c): score(c) for c in checkpoints}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".candidates-"))
+    try:
+        scores: dict[str, float] = {}
+        records: dict[str, dict[str, Any]] = {}
+        for method in methods:
+            merged = merge_checkpoints(checkpoints, scratch / method, method, start=start, p=p,
+                                       score_dir=score, scores=list(inputs.values()))
+            # greedy already scored its final soup on dev; the others are scored here
+            scores[method] = (float(merged.record["greedy"]["final_score"]) if method == "greedy"
+                              else score(merged.path))
+            records[method] = merged.record
+        best = max(scores, key=lambda m: scores[m])
+        replace_dir(scratch / best, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"best_method": best, "methods": scores, "inputs": inputs, "start": start, "records": records}
+
+
 def run_merge(params) -> MergeStageResult:
     """Merge stage: each ``merge.methods`` over the run's snapshots; the best on dev is kept as
     ``models/merged/model/``, every method's dev score in ``models/merged/merge.json``."""
-    from mixsp_core.merge import merge_checkpoints
-
     sp, paths = _stages(params).merge, _paths(params)
     checkpoints, start, start_kind = merge_inputs(paths.student)
-    pairs = dev_pairs(paths)
-
-    def score(path: Path) -> float:
-        return float(evaluate_dir(Path(path), pairs, sp.batch_size)["dev"])
-
-    inputs = {str(c): score(c) for c in checkpoints}
-    paths.merged.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=paths.merged, prefix=".candidates-"))
-    try:
-        methods: dict[str, float] = {}
-        records: dict[str, dict[str, Any]] = {}
-        for method in sp.methods:
-            merged = merge_checkpoints(checkpoints, scratch / method, method, start=start, p=sp.p,
-                                       score_dir=score, scores=list(inputs.values()))
-            # greedy already scored its final soup on dev; the others are scored here
-            methods[method] = (float(merged.record["greedy"]["final_score"]) if method == "greedy"
-                               else score(merged.path))
-            records[method] = merged.record
-        best = max(methods, key=lambda m: methods[m])
-        replace_dir(scratch / best, paths.merged / "model")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    report = {"best_method": best, "methods": methods, "inputs": inputs, "start": start, "start_kind": start_kind,
-              "records": records}
+    report = merge_keep_best(checkpoints, start, list(sp.methods), sp.p, dev_pairs(paths), sp.batch_size,
+                             paths.merged / "model")
+    report["start_kind"] = start_kind
     atomic_write(paths.merged / "merge.json",
                  lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
-    return MergeStageResult(paths.merged / "model", best, methods, inputs, start, report)
+    return MergeStageResult(paths.merged / "model", report["best_method"], report["methods"], report["inputs"],
+                            start, report)
+
+
+def run_soup(runs: list[Path], out: Path, paths: PipelinePaths, methods: list[str], p: float = 1.0,
+             batch_size: int = 64) -> MergeStageResult:
+    """Soup of several training runs (``mixsp soup``): their ``best/`` checkpoints merged by each method, the
+    best on the pipeline's dev pairs kept at ``out``, the report in ``out/soup.json``. The runs must share
+    their start (same config seed: the heads are initialised alike); the first run's ``start/`` is the
+    fusion start."""
+    if len(runs) < 2:
+        raise ConfigError("soup.runs", f"list at least two training runs, got {len(runs)}")
+    checkpoints = []
+    for run in runs:
+        if not (run / "best" / "model.safetensors").is_file():
+            raise CheckpointError(f"{run}: no best/ checkpoint (model.safetensors); is it a training run directory?")
+        checkpoints.append(run / "best")
+    start = runs[0] / START_DIR
+    report = merge_keep_best(checkpoints, str(start) if (start / "model.safetensors").is_file() else None,
+                             methods, p, dev_pairs(paths), batch_size, out)
+    atomic_write(out / "soup.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
+    return MergeStageResult(out, report["best_method"], report["methods"], report["inputs"], str(start), report)
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -318,7 +318,7 @@ def run_train(config, paths: PipelinePaths, output: Path | None = None, tracker=
     return run_training(config, pairs, corpus, teacher, out, tracker, show_progress=show_progress)
 
 
-def _pipeline_paths(params_path: Path | None) -> PipelinePaths:
+def pipeline_paths_of(params_path: Path | None) -> PipelinePaths:
     from mixsp_core.pipeline_config import REPO_ROOT, load_params
 
     return PipelinePaths(load_params(params_path or REPO_ROOT / "params.yaml").data.root_path())
@@ -328,7 +328,7 @@ def run_train_from_file(config_path: Path, output: Path | None = None, params_pa
     """`mixsp train --config FILE`: FILE is a training config (configs/*.yaml)."""
     from mixsp_core.config import load_config
 
-    return run_train(load_config(config_path), _pipeline_paths(params_path), output)
+    return run_train(load_config(config_path), pipeline_paths_of(params_path), output)
 
 
 def run_finetune_teacher_from_file(config_path: Path, output: Path, params_path: Path | None = None,
@@ -341,7 +341,7 @@ def run_finetune_teacher_from_file(config_path: Path, output: Path, params_path:
 
     config = load_config(config_path)
     check_teacher_config(config)  # before the pairs are read and an MLflow run is opened
-    pairs, _, _ = training_inputs(config, _pipeline_paths(params_path))
+    pairs, _, _ = training_inputs(config, pipeline_paths_of(params_path))
     tracker = tracker_for_run(config, Path(output) / RUN_DIR)
     return finetune_teacher(config, pairs, output, tracker, show_progress=show_progress)
 
@@ -351,7 +351,7 @@ def run_finetune_teacher_from_file(config_path: Path, output: Path, params_path:
 # stages after it live in mixsp_core.pipeline_stages (which imports this module); they are re-exported
 # here lazily so every stage is reachable as ``mixsp_core.stages.run_<stage>``.
 _STAGE2 = ("CompressResult", "MergeStageResult", "load_pipeline_embedder", "run_compress", "run_evaluate",
-           "run_merge", "run_promote", "run_student", "student_config")
+           "run_merge", "run_promote", "run_soup", "run_student", "student_config")
 
 
 def __getattr__(name: str):
