@@ -131,7 +131,7 @@ class LossConfig:
         return self.distill > 0 or self.distill_sim > 0
 
     def validate(self, prefix: str = "loss") -> None:
-        for name in _LOSS_TERMS:
+        for name in LOSS_TERMS:
             _at_least(f"{prefix}.{name}", getattr(self, name), 0.0)
         if any(k < 1 for k in self.matryoshka_dims) or len(set(self.matryoshka_dims)) != len(self.matryoshka_dims):
             raise ConfigError(f"{prefix}.matryoshka_dims", f"must be distinct positive integers, got "
@@ -252,7 +252,7 @@ class RunConfig:
         kind, loss = self.model.kind, self.loss
         if kind == "encoder":
             return  # evaluated as released: the loss settings are unused
-        terms = {k: v for k, v in asdict(loss).items() if isinstance(v, float) and k in _LOSS_TERMS and v > 0}
+        terms = {k: v for k, v in asdict(loss).items() if isinstance(v, float) and k in LOSS_TERMS and v > 0}
         if not terms:
             raise ConfigError("loss", "every loss weight is 0: nothing to train")
         if kind == "cross":
@@ -275,7 +275,7 @@ class RunConfig:
         compression = [name for name in _COMPRESSION_TERMS if getattr(loss, name) > 0]
         if compression and kind != "bi":
             raise ConfigError(f"loss.{compression[0]}", "trained-in compression applies to the bi student only")
-        if compression and not any(getattr(loss, name) > 0 for name in _STS_TERMS):
+        if compression and not any(getattr(loss, name) > 0 for name in STS_TERMS):
             raise ConfigError(f"loss.{compression[0]}", "needs an STS term to apply to prefixes and layers "
                               "(cosent, pearson, rank_kl or listwise > 0)")
         width = self.model.output_dim
@@ -289,9 +289,10 @@ class RunConfig:
         return asdict(self)
 
 
-_STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) of a batch of pairs
+STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) of a batch of pairs
 _COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
-_LOSS_TERMS = (*_STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS)
+# every weighted term of LossConfig, in the order the trainer sums them
+LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS)
 
 
 # --------------------------------------------------------------------------- building from dicts

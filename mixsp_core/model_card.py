@@ -28,11 +28,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
-def training_record(champion: Path, training_run: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(training config, trainer state)`` behind the champion: its own ``config.json`` when it carries
-    the training config (a ``best`` checkpoint), else the pipeline's training run (merged or
+def training_record(meta: dict[str, Any], training_run: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(training config, trainer state)`` behind the champion: its own ``config.json`` (``meta``) when it
+    carries the training config (a ``best`` checkpoint), else the pipeline's training run (merged or
     compressed champions descend from it)."""
-    meta = _read_json(champion / "config.json")
     config = meta.get("training", {}).get("config") or {}
     if not config and training_run is not None:
         config = _read_json(training_run / "best" / "config.json").get("training", {}).get("config") or {}
@@ -53,9 +52,9 @@ def build_card(champion: Path, evaluation: dict[str, Any], promotion: dict[str, 
     ``registry.Promotion`` as a dict; ``training_run``: the training run directory (``models/student``)."""
     name = promotion.get("model_name") or evaluation.get("best", "")
     variant = evaluation.get("variants", {}).get(name, {})
-    config, state = training_record(champion, training_run)
-    model, train, data, loss = (config.get(k, {}) for k in ("model", "train", "data", "loss"))
     meta = _read_json(champion / "config.json")
+    config, state = training_record(meta, training_run)
+    model, train, data, loss = (config.get(k, {}) for k in ("model", "train", "data", "loss"))
     dims = variant.get("dims") or model.get("output_dim") or "?"
     lines = [
         f"# {promotion.get('registered_model', 'mixsp-student')} version {promotion.get('version', '?')} "
@@ -84,8 +83,8 @@ def build_card(champion: Path, evaluation: dict[str, Any], promotion: dict[str, 
         if grid_md.is_file():
             lines.append(grid_md.read_text(encoding="utf-8").strip())
     encoder, teacher = model.get("encoder", "?"), data.get("teacher") or "?"
-    distill, distill_sim = float(loss.get("distill", 0) or 0), float(loss.get("distill_sim", 0) or 0)
-    how = [f"HPD MSE weight {distill:g}"] * (distill > 0) + [f"similarity MSE weight {distill_sim:g}"] * (distill_sim > 0)
+    how = [f"{label} weight {float(loss[name]):g}"
+           for name, label in (("distill", "HPD MSE"), ("distill_sim", "similarity MSE")) if loss.get(name)]
     lines += [
         "",
         "## Model",
@@ -106,7 +105,8 @@ def build_card(champion: Path, evaluation: dict[str, Any], promotion: dict[str, 
         f"seed {config.get('seed', '?')}.",
     ]
     if state:
-        lines.append(f"- Training time: {state.get('train_seconds', 0) / 60:.1f} min ({state.get('train_seconds', 0):.0f} s) for {state.get('step', '?')} "
+        seconds = state.get("train_seconds", 0)
+        lines.append(f"- Training time: {seconds / 60:.1f} min ({seconds:.0f} s) for {state.get('step', '?')} "
                      f"steps (best at step {state.get('best_step', '?')}).")
     if meta.get("merge"):
         merge = meta["merge"]

@@ -96,15 +96,14 @@ def student_config(params, overrides: list[str] | None = None):
     """The training config the pipeline runs (params.yaml ``train.config`` + ``train.overrides`` +
     ``overrides``), writing to the fixed, DVC-tracked ``models/student``."""
     from mixsp_core.config import load_config
+    from mixsp_core.teacher_cache import is_finetuned_teacher
 
     sp = _stages(params)
     config = load_config(_resolve(sp.train.config), overrides=[*sp.train.overrides, *(overrides or [])])
     config.output_dir = str(_paths(params).student)
-    from mixsp_core.teacher_cache import is_finetuned_teacher
-
     # a fine-tuned teacher's cache is its own folder (teacher/finetuned-<sha>/), not teacher/meta.json's model
-    fine_tuned = is_finetuned_teacher(params.teacher.model)
-    config.data.teacher = params.teacher.model if fine_tuned else cached_teacher(_paths(params)) or params.teacher.model
+    teacher = params.teacher.model
+    config.data.teacher = teacher if is_finetuned_teacher(teacher) else cached_teacher(_paths(params)) or teacher
     return config
 
 
@@ -321,7 +320,8 @@ def run_soup(runs: list[Path], out: Path, paths: PipelinePaths, methods: list[st
     report = merge_keep_best(checkpoints, str(start) if (start / "model.safetensors").is_file() else None,
                              methods, p, dev_pairs(paths), batch_size, out)
     atomic_write(out / "soup.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=str) + "\n"))
-    return MergeStageResult(out, report["best_method"], report["methods"], report["inputs"], str(start), report)
+    return MergeStageResult(out, report["best_method"], report["methods"], report["inputs"], str(report["start"]),
+                            report)
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -149,9 +149,8 @@ def encode_teacher(corpus: list[str], paths: PipelinePaths, teacher: str, batch_
 
     cache_dir, identity = _teacher_cache_of(paths, teacher)
     cache = TeacherCache(cache_dir, model_name=identity)
-    missing = cache.missing(corpus) if hasattr(cache, "missing") else None
     # Loading the teacher costs seconds and 400 MB: skip it when every sentence is cached already.
-    encoder = None if missing == [] else Encoder(teacher, device=device, show_progress=show_progress)
+    encoder = None if not cache.missing(corpus) else Encoder(teacher, device=device, show_progress=show_progress)
     embeddings, stats = cache.encode(corpus, encoder, batch_size=batch_size)
     return np.asarray(embeddings, dtype=np.float32), stats
 

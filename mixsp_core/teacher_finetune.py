@@ -59,7 +59,9 @@ def check_teacher_config(config: RunConfig) -> None:
         raise ConfigError("model.num_projectors", "must be 0 for a teacher (the export keeps the encoder only)")
     if model.output_dim != 0:
         raise ConfigError("model.output_dim", "must be 0 for a teacher (the export keeps the encoder only)")
-    for name in ("distill", "routing", "matryoshka", "layers", "ese_alignment"):
+    if config.loss.uses_teacher:
+        raise ConfigError("loss.distill", "not available when fine-tuning a teacher (plain STS losses only)")
+    for name in ("routing", "matryoshka", "layers", "ese_alignment"):
         if getattr(config.loss, name) > 0:
             raise ConfigError(f"loss.{name}", "not available when fine-tuning a teacher (plain STS losses only)")
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mixsp_core.config import RunConfig, config_from_dict, dump_config, flatten
+from mixsp_core.config import LOSS_TERMS, STS_TERMS, RunConfig, config_from_dict, dump_config, flatten
 from mixsp_core.data.table import eval_name
 from mixsp_core.errors import CheckpointError, ConfigError, DataError
 from mixsp_core.evaluate.plots import plot_class_histogram, plot_dev_curve
@@ -292,8 +292,6 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) over a batch of pairs
-LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", "matryoshka", "layers", "ese_alignment")
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 

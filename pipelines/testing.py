@@ -92,11 +92,9 @@ def tiny_sections(source: Path, teacher: Path, encoder: Path) -> dict:
 
 def teacher_shard_names() -> list[str]:
     """The shard assets' names (``teacher_shard_K_of_N``, N = params.yaml teacher.shards)."""
-    from mixsp_core.teacher_shards import all_shards
-    from pipelines.defs.assets.teacher import shard_asset_name
-    from pipelines.params import pipeline_params
+    from pipelines.defs.assets.teacher import teacher_shards
 
-    return [shard_asset_name(spec) for spec in all_shards(pipeline_params().teacher.shards)]
+    return [asset.key.to_user_string() for asset in teacher_shards]
 
 
 def tiny_run_config(source: Path, teacher: Path, encoder: Path, selection: list[str] | None = None) -> dict:

@@ -21,7 +21,7 @@ from mixsp_core.models.resolve import canonical_id, packaged_model_path, resolve
 log = logging.getLogger(__name__)
 
 
-def _load_model(source: str) -> PreTrainedModel:
+def load_hf_model(source: str) -> PreTrainedModel:
     """AutoModel from safetensors in float32, with SDPA attention where the architecture has it."""
     kwargs = {"use_safetensors": True, "trust_remote_code": False, "dtype": torch.float32}
     try:
@@ -97,7 +97,7 @@ class Encoder:
         self.source = resolve_model(self.name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
-            self.model = _load_model(self.source)
+            self.model = load_hf_model(self.source)
         except OSError:
             # The design's "Hub unreachable" case: a packaged id falls back to its offline copy.
             if Path(self.source).is_dir() or canonical_id(self.source) is None:
@@ -105,7 +105,7 @@ class Encoder:
             log.warning("could not load %s from the Hub; using the packaged copy", self.source)
             self.source = str(packaged_model_path(self.source))
             self.tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
-            self.model = _load_model(self.source)
+            self.model = load_hf_model(self.source)
         self.model.to(self.device).eval()
         config = self.model.config
         self.dim: int = int(config.hidden_size)

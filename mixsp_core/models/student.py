@@ -38,12 +38,11 @@ from mixsp_core.models.routing import RoutedProjector, RoutingOutput
 
 def pretrained_encoder(name_or_path: str) -> tuple[PreTrainedModel, object]:
     """The base encoder's pretrained weights and tokenizer (Hub ids resolved to offline copies)."""
-    # the encoder loader's own fallback: its SDPA refusal check matches MPNet's message ("...attention...")
-    from mixsp_core.models.encoder import _load_model
+    from mixsp_core.models.encoder import load_hf_model  # SDPA where the architecture has it, else eager
     from mixsp_core.models.resolve import resolve_model
 
     source = resolve_model(name_or_path)
-    return _load_model(source), AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    return load_hf_model(source), AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def empty_encoder(folder: str | os.PathLike[str]) -> tuple[PreTrainedModel, object]:
