@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.corpus import SHIPPED_CORPUS, read_sentences
 from benchmarks.models import MODELS, random_init_dir
+from mixsp_core.models.batching import BulkTokenizer, stream_plans
 from mixsp_core.models.encoder import Encoder
-from mixsp_core.models.fast import BulkTokenizer, stream_plans
 
 
 def timed(fn, repeats: int, sync: bool) -> tuple[float, object]:

@@ -18,7 +18,7 @@ def teacher_vectors(sentences: list[str], cache_dir: Path = TEACHER_CACHE) -> np
     """The cached teacher embeddings of ``sentences`` when the pipeline's cache holds all of them."""
     if not (cache_dir / "embeddings.npy").is_file():
         return None
-    from mixsp_core.teacher_cache import TeacherCache
+    from mixsp_core.teacher.cache import TeacherCache
 
     cache = TeacherCache(cache_dir, "sentence-transformers/all-mpnet-base-v2")
     if cache.missing(sentences):

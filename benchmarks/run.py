@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report["quality"] = dev_cost(minilm.folder, senteval)
     if args.stages and not cuda:
-        from benchmarks.stages import stage_times
+        from benchmarks.step_times import stage_times
 
         report["stages"] = stage_times()
         if "note" in report["stages"]:

@@ -7,8 +7,8 @@
                    [--precision auto|fp32|bf16|fp16] [--quantize int8] [--token-budget N|auto]
     mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
     mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
-    mixsp train    --config FILE                              # FILE: a training config (configs/*.yaml),
-                                                              #   or params.yaml: the pipeline's student
+    mixsp train    [--config params.yaml]                     # the pipeline's student (params.yaml student)
+    mixsp train    --config configs/X.yaml [--output DIR]     # one run of a training config file
     mixsp finetune-teacher --config FILE --out DIR            # fine-tuned teacher: DIR/run, DIR/teacher
     mixsp compress --config params.yaml                       # compressed variants of the student
     mixsp merge    --config params.yaml                       # merged snapshots, best on dev kept
@@ -28,14 +28,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from mixsp_core.data.sources import load_pairs
-    from mixsp_core.data.table import pair_counts_markdown
-    from mixsp_core.data.validate import validate_pairs
+def _params(args: argparse.Namespace, overrides: dict | None = None):
+    """The typed params.yaml of ``--config`` (read once per command)."""
+    from mixsp_core.params import load_params
 
-    pairs = load_pairs(args.data)
+    return load_params(Path(args.config), overrides=overrides)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from mixsp_core.data.table import pair_counts_markdown
+    from mixsp_core.stages.prepare import check_pairs
+
+    pairs, report = check_pairs(args.data)
     print(pair_counts_markdown(pairs))
-    report = validate_pairs(pairs, name=args.data)
     print()
     print(report.to_markdown())
     return 0 if report.success else 1
@@ -46,17 +51,14 @@ def _inference(args: argparse.Namespace) -> dict:
     return {"precision": args.precision, "quantize": args.quantize, "token_budget": args.token_budget}
 
 
-def _load(model: str, device: str | None, dims: int | None, inference: dict, plain: bool = False):
-    """A model for encode / evaluate: with ``--dims`` (or ``plain``) the plain loader (prefix dims);
-    otherwise a saved transform (compressed models, the champion) is applied on top. ``inference``:
-    :func:`_inference`. Options that do not fit the model or device raise ConfigError."""
+def _load(model: str, device: str | None, dims: int | None, inference: dict):
+    """A model for encode / evaluate (a saved transform, as of compressed models and the champion, applied;
+    ``--dims`` keeps a prefix). ``inference``: :func:`_inference`. Options that do not fit the model or
+    device raise ConfigError."""
     from mixsp_core.models.checkpoint import load_embedder
-    from mixsp_core.stages import load_pipeline_embedder
 
     try:
-        if dims or plain:
-            return load_embedder(model, device=device, dims=dims, **inference)
-        return load_pipeline_embedder(model, device=device, **inference)
+        return load_embedder(model, device=device, dims=dims, **inference)
     except ValueError as err:  # options that do not fit the model or device (--dims, --quantize on CUDA, ...)
         raise _usage(str(err)) from err
 
@@ -94,10 +96,9 @@ def _ints(text: str | None) -> list[int] | None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.config:
-        from mixsp_core.pipeline_config import load_params
-        from mixsp_core.stages import run_evaluate
+        from mixsp_core.stages.evaluate import run_evaluate
 
-        report = run_evaluate(load_params(Path(args.config)))
+        report = run_evaluate(_params(args))
         print(Path(report["files"]["markdown"]).read_text())
         print(f"best: {report['best']} (dev {report['best_dev']:.2f}) -> {report['best_path']}")
         return 0
@@ -135,7 +136,7 @@ def _grid(args: argparse.Namespace, pairs) -> int:
     spec = GridSpec(layers=_ints(args.layers), dims=_ints(args.dims_grid),
                     vector_types=args.vector_types.split(","), dim_method=args.dim_method,
                     batch_size=args.batch_size)
-    embedder = _load(args.model, args.device, None, _inference(args), plain=True)
+    embedder = _load(args.model, args.device, None, _inference(args))
     result = run_grid(embedder, pairs, corpus[: args.fit_sentences], spec, model=args.model)
     print(result.to_markdown())
     out = result.write(Path(args.output_dir), "grid")
@@ -151,89 +152,93 @@ def _usage(message: str) -> Exception:
     return ConfigError("argv", message)
 
 
-def _params_cmd(stage: str):
-    """`mixsp compress|merge|promote --config params.yaml`: one pipeline stage, its summary printed."""
-    def run(args: argparse.Namespace) -> int:
-        from mixsp_core import stages
-        from mixsp_core.pipeline_config import load_params
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from mixsp_core.stages.compress import run_compress
 
-        result = getattr(stages, f"run_{stage}")(load_params(Path(args.config)))
-        print(result.summary())
-        return 0
-    return run
+    print(run_compress(_params(args)).summary())
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from mixsp_core.stages.merge import run_merge
+
+    print(run_merge(_params(args)).summary())
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from mixsp_core.stages.promote import run_promote
+
+    print(run_promote(_params(args)).summary())
+    return 0
 
 
 def _is_params_file(path: Path) -> bool:
-    """params.yaml (``train: {config: ...}``) rather than a training config (``train: {epochs: ...}``)."""
+    """params.yaml (a ``student`` section) rather than a training config (configs/*.yaml)."""
     import yaml
 
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return False  # load_config reports the file properly
-    train = raw.get("train") if isinstance(raw, dict) else None
-    return isinstance(train, dict) and "config" in train
+    return isinstance(raw, dict) and "student" in raw
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from mixsp_core.pipeline_config import load_params
-    from mixsp_core.stages import run_prepare
+    from mixsp_core.stages.prepare import run_prepare
 
-    params = load_params(Path(args.config), overrides={"data.spec": args.data} if args.data else None)
-    result = run_prepare(params)
-    print(result.summary())
+    print(run_prepare(_params(args, {"data.spec": args.data} if args.data else None)).summary())
     return 0
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
-    from mixsp_core import stages
-    from mixsp_core.pipeline_config import load_params
+    from mixsp_core.stages.teacher import run_teacher, run_teacher_merge, run_teacher_shard
 
-    params = load_params(Path(args.config))
+    params = _params(args)
     if args.shard:
-        from mixsp_core.teacher_shards import ShardSpec
+        from mixsp_core.teacher.shards import ShardSpec
 
-        done = stages.run_teacher_shard(params, ShardSpec.parse(args.shard))
+        done = run_teacher_shard(params, ShardSpec.parse(args.shard))
         state = f"{done.encoded} sentences encoded" if done.encoded else "already done, nothing encoded"
         print(f"teacher shard {done.spec}: {done.sentences} sentences -> {done.path} ({state})")
     elif args.merge_shards:
-        report = stages.run_teacher_merge(params)
+        report = run_teacher_merge(params)
         print(f"teacher cache: {report.added} rows added from {len(report.shards)} shards "
               f"({', '.join(f'{name}: {n}' for name, n in report.shards.items())})")
     else:
-        print(stages.run_teacher(params).summary())
+        print(run_teacher(params).summary())
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mixsp_core.stages import run_train_from_file
+    from mixsp_core.stages.train import run_train, run_train_config
 
     if _is_params_file(Path(args.config)):
-        from mixsp_core.pipeline_config import load_params
-        from mixsp_core.stages import run_student
-
         if args.output:
             raise _usage("--output does not apply to params.yaml: the student goes to data/models/student")
-        print(run_student(load_params(Path(args.config))).summary())
+        print(run_train(_params(args)).summary())
         return 0
-    result = run_train_from_file(Path(args.config), output=Path(args.output) if args.output else None)
+    from mixsp_core.params import load_params
+
+    result = run_train_config(Path(args.config), load_params(Path(args.params)),
+                              output=Path(args.output) if args.output else None)
     print(result.summary())
     return 0
 
 
 def _cmd_finetune_teacher(args: argparse.Namespace) -> int:
-    from mixsp_core.stages import run_finetune_teacher_from_file
+    from mixsp_core.params import load_params
+    from mixsp_core.stages.train import run_finetune_teacher
 
-    result = run_finetune_teacher_from_file(Path(args.config), Path(args.out))
-    print(result.summary())
+    print(run_finetune_teacher(Path(args.config), Path(args.out), load_params(Path(args.params))).summary())
     return 0
 
 
 def _cmd_soup(args: argparse.Namespace) -> int:
-    from mixsp_core.stages import pipeline_paths_of, run_soup
+    from mixsp_core.stages.merge import run_soup
 
     methods = [m for m in args.methods.split(",") if m]
-    result = run_soup([Path(r) for r in args.runs], Path(args.out), pipeline_paths_of(Path(args.config)), methods,
+    result = run_soup([Path(r) for r in args.runs], Path(args.out), _params(args).paths, methods,
                       p=args.p, batch_size=args.batch_size)
     print(result.summary())
     return 0
@@ -297,14 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output-dir", default="data/reports", help="grid: where grid.json/.md/.png go")
             p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("train", help="train a student (bi) or MixSP scorer (cross) from a config file")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("train", help="train the pipeline's student (params.yaml), or a student (bi) or MixSP "
+                                     "scorer (cross) from a config file")
+    p.add_argument("--config", default="params.yaml",
+                   help="params.yaml (the pipeline's student) or a training config (configs/*.yaml)")
     p.add_argument("--output", default=None, help="checkpoint directory (default: from the config)")
+    p.add_argument("--params", default="params.yaml", help="with a training config: the pipeline params "
+                                                             "whose data root holds the pairs and corpus")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("finetune-teacher", help="fine-tune the teacher encoder on the training pairs, export it")
     p.add_argument("--config", required=True, help="a plain-encoder training config, e.g. configs/teacher_finetune.yaml")
     p.add_argument("--out", required=True, help="DIR: the run goes to DIR/run, the exported teacher to DIR/teacher")
+    p.add_argument("--params", default="params.yaml", help="the pipeline params whose data root holds the pairs")
     p.set_defaults(func=_cmd_finetune_teacher)
 
     p = sub.add_parser("soup", help="merge the best checkpoints of several training runs; keep the best on dev")
@@ -316,12 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="params.yaml", help="the pipeline params: dev pairs come from its data root")
     p.set_defaults(func=_cmd_soup)
 
-    for stage, helptext in (("compress", "compress stage: PCA / int8 variants of the student (params.yaml)"),
-                            ("merge", "merge stage: soups and delta-guided fusion of the run's snapshots"),
-                            ("promote", "promote stage: register the evaluated best; move 'champion' if better")):
+    for stage, helptext, func in (
+            ("compress", "compress stage: PCA / int8 variants of the student (params.yaml)", _cmd_compress),
+            ("merge", "merge stage: soups and delta-guided fusion of the run's snapshots", _cmd_merge),
+            ("promote", "promote stage: register the evaluated best; move 'champion' if better", _cmd_promote)):
         p = sub.add_parser(stage, help=helptext)
         p.add_argument("--config", default="params.yaml")
-        p.set_defaults(func=_params_cmd(stage))
+        p.set_defaults(func=func)
     return parser
 
 

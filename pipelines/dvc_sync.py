@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mixsp_core.pipeline_config import REPO_ROOT
+from mixsp_core.paths import REPO_ROOT
 
 BIN = Path(sys.executable).parent
 

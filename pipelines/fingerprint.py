@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from mixsp_core.io import sha256_file
+
 _LOCAL_SCHEMES = ("senteval", "hf-disk", "file")
 
 
@@ -20,14 +22,6 @@ def _files_under(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     return []
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint_paths(paths: Iterable[Path], labels: Iterable[str] = ()) -> str:
@@ -40,7 +34,7 @@ def fingerprint_paths(paths: Iterable[Path], labels: Iterable[str] = ()) -> str:
         if not files:
             digest.update(f"missing\0{root}\n".encode())
         for file in files:
-            digest.update(f"{file.relative_to(root) if file != root else file.name}\0{_hash_file(file)}\n".encode())
+            digest.update(f"{file.relative_to(root) if file != root else file.name}\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
 

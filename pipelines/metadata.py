@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from mixsp_core.io import file_digest
 
-def file_md5(path: Path, chunk: int = 1 << 20) -> str:
+
+def file_md5(path: Path) -> str:
     """md5 of a file's bytes: the hash DVC records for it in dvc.lock."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def tree_size(path: Path) -> int:

@@ -2,6 +2,10 @@
 
     python -m pipelines.run [--data SPEC] [--job mixsp_full] [--no-dvc]
 
+``--data SPEC`` (``make run DATA=SPEC``) is written into params.yaml's ``data.spec`` before the run, so the
+DVC stages, dvc.lock and the MLflow runs all record the data the run really read (commit params.yaml with
+dvc.lock to keep it).
+
 Runs against the Dagster instance in ``$DAGSTER_HOME`` (default ``.dagster_home`` in the repository), so
 the run and its materialisations appear in the UI (`make ui`). Each step runs in its own process
 (multiprocess executor), so independent steps, the teacher shards above all, run side by side. After a successful
@@ -18,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixsp_core.pipeline_config import REPO_ROOT
+from mixsp_core.paths import REPO_ROOT
 
 TELEMETRY_OFF = "telemetry:\n  enabled: false\n"
 
@@ -41,13 +45,27 @@ PRELOAD = ["pipelines.definitions", "torch", "transformers", "great_expectations
 EXECUTOR = {"multiprocess": {"start_method": {"forkserver": {"preload_modules": PRELOAD}}}}
 
 
-def run_config(data: str | None) -> dict[str, Any]:
-    """Run config overriding params.yaml for this run only (``--data`` -> the sts_pairs asset's spec)."""
-    config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "INFO"}}},  # no DEBUG event flood
-                              "execution": {"config": EXECUTOR}}
-    if data:
-        config["ops"] = {"sts_pairs": {"config": {"spec": data}}}
-    return config
+def run_config() -> dict[str, Any]:
+    """The run's config: INFO logs (no DEBUG event flood) and the multiprocess executor."""
+    return {"loggers": {"console": {"config": {"log_level": "INFO"}}}, "execution": {"config": EXECUTOR}}
+
+
+def set_data_spec(spec: str, params_path: Path) -> bool:
+    """Write ``data.spec: SPEC`` into ``params_path`` (comments and layout kept); True when it changed.
+    Validated first: a bad spec leaves the file as it was."""
+    from ruamel.yaml import YAML
+
+    from mixsp_core.params import load_params
+
+    load_params(params_path, overrides={"data.spec": spec})  # raises ConfigError naming the field
+    yaml = YAML()  # round-trip mode
+    document = yaml.load(params_path.read_text(encoding="utf-8"))
+    if document["data"].get("spec") == spec:
+        return False
+    document["data"]["spec"] = spec
+    with open(params_path, "w", encoding="utf-8") as handle:
+        yaml.dump(document, handle)
+    return True
 
 
 def output_locations() -> dict[str, Path | str]:
@@ -60,9 +78,9 @@ def output_locations() -> dict[str, Path | str]:
         "corpus": layout.corpus,
         "teacher embeddings": layout.teacher,
         "models": layout.models,
-        "student": layout.student,
+        "student": layout.student.root,
         "compressed variants": layout.compressed,
-        "merged model": layout.merged / "model",
+        "merged model": layout.merged_model,
         "champion": layout.champion,
         "evaluation report": layout.reports / "evaluation.md",
         "reports": layout.reports,
@@ -129,7 +147,7 @@ def sync_dvc(dagster_run_id: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="data spec for this run (default: params.yaml data.spec)")
+    parser.add_argument("--data", default=None, help="set params.yaml data.spec to SPEC, then run")
     parser.add_argument("--job", default="mixsp_full")
     parser.add_argument("--no-dvc", action="store_true", help="skip dvc commit and logging dvc.lock to MLflow")
     args = parser.parse_args(argv)
@@ -139,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                        ("DVC_NO_ANALYTICS", "1")):
         os.environ.setdefault(key, value)
     ensure_dagster_home()
+    if args.data:
+        from pipelines.defs.resources import params_file
+
+        if set_data_spec(args.data, params_file()):
+            print(f"{params_file()}: data.spec set to {args.data!r} (recorded in dvc.lock and MLflow; "
+                  "commit params.yaml with dvc.lock)")
 
     from dagster import DagsterInstance, build_reconstructable_job, execute_job
 
@@ -147,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     job_named(args.job)  # an unknown job name fails here, before any run starts
     job = build_reconstructable_job("pipelines.definitions", "job_named", reconstructable_args=(args.job,))
     with DagsterInstance.get() as instance:
-        result = execute_job(job, instance, run_config=run_config(args.data), raise_on_error=False)
+        result = execute_job(job, instance, run_config=run_config(), raise_on_error=False)
         print(f"\nDagster run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
         if not result.success:
             _print_failures(result)

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixsp_core.pipeline_config import REPO_ROOT
+from mixsp_core.paths import REPO_ROOT
 
 BIN = Path(sys.executable).parent
 

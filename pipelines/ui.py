@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from pipelines.params import default_tracking_uri
+from mixsp_core.tracking.tracker import tracking_uri
 from pipelines.run import ensure_dagster_home
 from pipelines.servers import start_dagster, start_mlflow, stop, wait_until_up
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     home = ensure_dagster_home()
     servers = [start_dagster(home, port=args.dagster_port),
-               start_mlflow(default_tracking_uri(), port=args.mlflow_port, log_dir=home / "logs")]
+               start_mlflow(tracking_uri(), port=args.mlflow_port, log_dir=home / "logs")]
     try:
         wait_until_up(servers[0], "/server_info")
         wait_until_up(servers[1], "/health")

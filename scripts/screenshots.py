@@ -27,10 +27,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixsp_core.pipeline_config import REPO_ROOT
+from mixsp_core.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # `python scripts/screenshots.py` puts scripts/, not the root, on the path
-from pipelines.params import default_tracking_uri  # noqa: E402
+from mixsp_core.tracking.tracker import tracking_uri  # noqa: E402
 from pipelines.run import ensure_dagster_home  # noqa: E402
 from pipelines.servers import Server, start_dagster, start_mlflow, stop, wait_until_up  # noqa: E402
 
@@ -246,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in MAKEFILE_ENV.items():  # what `make ui` exports, so the code location loads the same
         os.environ.setdefault(key, value)
     home = ensure_dagster_home()
-    tracking_uri = default_tracking_uri()
+    store = tracking_uri()
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="mixsp-ui-logs-"))  # server logs stay out of the repository
     servers: list[Server] = []
     try:
         servers.append(start_dagster(home, port=free_port(), daemon=False, log_dir=logs))
-        servers.append(start_mlflow(tracking_uri, port=free_port(), log_dir=logs))
+        servers.append(start_mlflow(store, port=free_port(), log_dir=logs))
         wait_until_up(servers[0], "/server_info")
         wait_until_up(servers[1], "/health")
         dagster, mlflow_url = servers[0].url, servers[1].url
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                  Page("dagster-catalog", f"{dagster}/assets"),
                  Page("dagster-runs", f"{dagster}/runs"),
                  Page("dagster-run", f"{dagster}/runs/{latest_success(dagster)}"),
-                 *mlflow_pages(mlflow_url, tracking_uri)]
+                 *mlflow_pages(mlflow_url, store)]
         if args.only is not None:
             pages = [p for p in pages if p.name in args.only]
         browser = Chromium(binary)

@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mixsp_core.losses import fit_pca_projection  # noqa: E402
-from mixsp_core.stages import PipelinePaths, encode_teacher, read_corpus_file  # noqa: E402
-from mixsp_core.teacher_cache import teacher_identity  # noqa: E402
+from mixsp_core.paths import PipelinePaths  # noqa: E402
+from mixsp_core.stages.prepare import read_corpus_file  # noqa: E402
+from mixsp_core.stages.teacher import encode_with_teacher  # noqa: E402
+from mixsp_core.teacher.cache import teacher_identity  # noqa: E402
 
 
 def save(path: Path, array: np.ndarray) -> None:
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = PipelinePaths(args.data_root)
     corpus = read_corpus_file(paths)
     identity = teacher_identity(args.teacher)
-    embeddings, stats = encode_teacher(corpus, paths, args.teacher, batch_size=args.batch_size)
+    embeddings, stats = encode_with_teacher(corpus, paths, args.teacher, batch_size=args.batch_size)
     print(f"teacher {identity}: cache {paths.teacher_cache(identity)}, {stats.encoded} encoded, "
           f"{stats.reused} reused")
     if args.raw is not None:

@@ -22,10 +22,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixsp_core.config import load_config  # noqa: E402
-from mixsp_core.stages import PipelinePaths, read_corpus_file, read_pairs, training_inputs  # noqa: E402
-from mixsp_core.tracking import NullTracker, tracker_for_run  # noqa: E402
-from mixsp_core.train import run_training  # noqa: E402
+from mixsp_core.paths import PipelinePaths  # noqa: E402
+from mixsp_core.stages.prepare import read_corpus_file, read_pairs  # noqa: E402
+from mixsp_core.stages.train import training_inputs  # noqa: E402
+from mixsp_core.tracking.tracker import NullTracker, tracker_for_run  # noqa: E402
+from mixsp_core.training.config import load_config  # noqa: E402
+from mixsp_core.training.loop import run_training  # noqa: E402
 
 DEV = ("STSBenchmark-dev", "SICK-trial")
 

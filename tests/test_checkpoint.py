@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from mixsp_core.config import ModelConfig
 from mixsp_core.errors import CheckpointError
-from mixsp_core.models.checkpoint import (load_checkpoint, load_embedder, read_trainer_state, restore_optimizer,
-                                          save_checkpoint)
+from mixsp_core.models.checkpoint import (
+    load_checkpoint,
+    load_embedder,
+    read_trainer_state,
+    restore_optimizer,
+    save_checkpoint,
+)
 from mixsp_core.models.cross import CrossScorer, span_masks
 from mixsp_core.models.student import BiStudent
+from mixsp_core.training.config import ModelConfig
 from tests.train_helpers import one_thread
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)

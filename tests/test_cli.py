@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from mixsp_core.cli import _is_params_file, build_parser, main
-from pipelines.testing import tiny_sections, write_tiny_senteval
+from tests.pipeline_helpers import tiny_sections, write_tiny_senteval
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_params_file_and_training_config_are_told_apart():
     assert _is_params_file(REPO / "params.yaml")
-    assert not _is_params_file(REPO / "configs" / "default.yaml")
+    assert not _is_params_file(REPO / "configs" / "bi_single.yaml")
     for stage in ("compress", "merge", "promote"):
         assert build_parser().parse_args([stage]).config == "params.yaml"
 
@@ -88,9 +88,9 @@ def test_evaluate_needs_model_and_data_or_config(capsys):
 def test_encode_precision_quantize_and_token_budget(tmp_path, tiny_bert_dir, capsys):
     import torch
 
-    from mixsp_core.config import ModelConfig
     from mixsp_core.models.checkpoint import save_checkpoint
     from mixsp_core.models.student import BiStudent
+    from mixsp_core.training.config import ModelConfig
 
     torch.manual_seed(0)
     config = ModelConfig(kind="bi", encoder=str(tiny_bert_dir), projector_mult=2, output_dim=16, max_length=32)

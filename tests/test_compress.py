@@ -320,9 +320,9 @@ def test_project_checkpoint_cut_to_fewer_layers(tiny_teacher_dir, tmp_path):
     """A BiStudent checkpoint cut to 2 of 3 layers loads on its own and embeds as the full one run
     with 2 layers."""
     from mixsp_core.compress.layers import truncate_model_dir
-    from mixsp_core.config import ModelConfig
     from mixsp_core.models.checkpoint import load_checkpoint, save_checkpoint
     from mixsp_core.models.student import BiStudent
+    from mixsp_core.training.config import ModelConfig
 
     torch.manual_seed(0)
     full = BiStudent.from_config(ModelConfig(encoder=str(tiny_teacher_dir), output_dim=16)).eval()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mixsp_core.config import apply_overrides, config_from_dict, dump_config, load_config
 from mixsp_core.errors import ConfigError
+from mixsp_core.training.config import apply_overrides, config_from_dict, dump_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

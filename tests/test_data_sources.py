@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from mixsp_core.data import hub
-from mixsp_core.data.sources import DEFAULT_HUB_SPEC, default_data_spec, load_pairs
+from mixsp_core.data.sources import load_pairs
 from mixsp_core.data.table import PAIR_COLUMNS
 from mixsp_core.errors import DataError
 
@@ -133,13 +133,6 @@ def test_comma_separated_specs_are_concatenated_in_order(format_samples: Path, t
 def test_unknown_or_malformed_spec(spec: str) -> None:
     with pytest.raises(DataError, match="use senteval:DIR, hf:ID, hf-disk:DIR or file:PATH"):
         load_pairs(spec)
-
-
-def test_default_data_spec(tmp_path: Path, senteval_dir: Path) -> None:
-    assert default_data_spec(senteval_dir.parent) == f"senteval:{senteval_dir}"
-    assert default_data_spec(senteval_dir) == f"senteval:{senteval_dir}"
-    assert default_data_spec(tmp_path) == DEFAULT_HUB_SPEC == "hf:mteb/stsbenchmark-sts,hf:mteb/sickr-sts"
-    assert default_data_spec(None) == DEFAULT_HUB_SPEC
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------------

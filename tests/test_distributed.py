@@ -17,12 +17,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from mixsp_core.config import config_from_dict
-from mixsp_core.distributed import DistContext, weights_digest
 from mixsp_core.errors import ConfigError
 from mixsp_core.models.checkpoint import load_checkpoint
-from mixsp_core.tracking import NullTracker
-from mixsp_core.train import run_training
+from mixsp_core.tracking.tracker import NullTracker
+from mixsp_core.training.config import config_from_dict
+from mixsp_core.training.distributed import DistContext, weights_digest
+from mixsp_core.training.loop import run_training
 from tests.train_helpers import one_thread, small_pairs
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)

@@ -7,16 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mixsp_core.models.batching import BulkTokenizer, TokenizedChunk, gather_tokens, plan_chunk, stream_plans
+from mixsp_core.models.encode_loop import encode_planned, encode_with
 from mixsp_core.models.encoder import Encoder
-from mixsp_core.models.fast import (
-    BulkTokenizer,
-    TokenizedChunk,
-    encode_planned,
-    encode_with,
-    gather_tokens,
-    plan_chunk,
-    stream_plans,
-)
 
 SENTENCES = [
     "A man is playing a guitar.",
@@ -232,8 +225,8 @@ def test_bad_settings(tiny_bert_dir):
 
 
 def _student(tiny_bert_dir, **model):
-    from mixsp_core.config import ModelConfig
     from mixsp_core.models.student import BiStudent
+    from mixsp_core.training.config import ModelConfig
 
     torch.manual_seed(0)
     config = ModelConfig(**{"kind": "bi", "encoder": str(tiny_bert_dir), "projector_mult": 2, "output_dim": 16,

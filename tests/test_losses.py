@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from mixsp_core.losses import (CoSENTLoss, DistillLoss, InfoNCELoss, ListwiseRankLoss, PearsonLoss, RankKLLoss,
-                               RoutingLoss, ScoreBCELoss, SimilarityDistillLoss, fit_pca_projection)
+from mixsp_core.losses import (
+    CoSENTLoss,
+    DistillLoss,
+    InfoNCELoss,
+    ListwiseRankLoss,
+    PearsonLoss,
+    RankKLLoss,
+    RoutingLoss,
+    ScoreBCELoss,
+    SimilarityDistillLoss,
+    fit_pca_projection,
+)
 
 T = torch.tensor
 

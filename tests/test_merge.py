@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixsp_core.errors import CheckpointError, ConfigError
-from mixsp_core.merge import (
+from mixsp_core.merging import (
     delta_fusion,
     greedy_soup,
     merge_checkpoints,
@@ -148,9 +148,9 @@ def test_greedy_merge_of_directories_with_dev_callback(checkpoints, tmp_path):
 
 def test_merge_project_checkpoints(tiny_bert_dir, tmp_path):
     """BiStudent checkpoints (keys ``encoder.*`` + heads) fused against the base HF folder as start."""
-    from mixsp_core.config import ModelConfig
     from mixsp_core.models.checkpoint import load_checkpoint, save_checkpoint
     from mixsp_core.models.student import BiStudent
+    from mixsp_core.training.config import ModelConfig
 
     config = ModelConfig(encoder=str(tiny_bert_dir), output_dim=16)
     dirs = []

@@ -139,8 +139,9 @@ def test_sdpa_where_supported_else_eager(tiny, tiny_bert_dir, tmp_path):
 
 
 def test_unreachable_hub_falls_back_to_packaged_copy(monkeypatch, minilm_dir):
-    import mixsp_core.models.encoder as encoder_module
     from transformers import AutoTokenizer
+
+    import mixsp_core.models.encoder as encoder_module
 
     real = AutoTokenizer.from_pretrained
 

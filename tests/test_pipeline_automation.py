@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from pipelines.defs.assets.prepare import CorpusConfig, PairsConfig
+from pipelines.defs.resources import pipeline_params
 from pipelines.defs.sensors import source_data_changed
 from pipelines.fingerprint import files_fingerprint, fingerprint_paths, spec_fingerprint
 
@@ -18,8 +18,8 @@ def _evaluate(instance: dg.DagsterInstance):
 
 
 def test_sensor_waits_skips_when_unchanged_and_runs_on_change():
-    current = {"sts_pairs": spec_fingerprint(PairsConfig().resolved_spec()),
-               "sentence_corpus": files_fingerprint(CorpusConfig().resolved_files())}
+    current = {"sts_pairs": spec_fingerprint(pipeline_params().data.resolved_spec()),
+               "sentence_corpus": files_fingerprint(pipeline_params().data.resolved_corpus_files())}
     with dg.DagsterInstance.ephemeral() as instance:
         assert isinstance(_evaluate(instance), dg.SkipReason)  # nothing materialised yet
 

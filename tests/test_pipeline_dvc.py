@@ -82,11 +82,11 @@ def test_dagster_config_defaults_come_from_params_yaml():
     from pipelines.defs.assets.evaluate import EvaluateConfig
     from pipelines.defs.assets.merge import MergeConfig
     from pipelines.defs.assets.promote import ChampionConfig
-    from pipelines.defs.assets.train import StudentConfig
-    from pipelines.defs.resources import MlflowResource, ModelGateResource
+    from pipelines.defs.assets.train import StudentOverrides
+    from pipelines.defs.resources import MlflowResource, ModelGateResource, pipeline_params
 
-    assert (StudentConfig().config, StudentConfig().overrides) == (params["train"]["config"],
-                                                                   params["train"]["overrides"])
+    assert StudentOverrides().overrides == []  # the launchpad starts from params.yaml's student as it is
+    assert pipeline_params().student.train.epochs == params["student"]["train"]["epochs"]
     assert CompressConfig().variants == params["compress"]["variants"]
     assert (MergeConfig().methods, MergeConfig().p) == (params["merge"]["methods"], params["merge"]["p"])
     assert EvaluateConfig().grid_dims == params["evaluate"]["grid_dims"]
@@ -104,6 +104,41 @@ def test_every_dvc_stage_runs_its_mixsp_subcommand_on_params_yaml():
         argv = stage["cmd"].split()
         assert argv[0] == "mixsp" and argv[-2:] == ["--config", "params.yaml"], name
         assert build_parser().parse_args(argv[1:]).config == "params.yaml"
+
+
+def test_every_dvc_stage_depends_on_its_stage_module():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = f"mixsp_core/stages/{name}.py"
+        assert module in stage["deps"], f"dvc.yaml stage {name} does not depend on {module}"
+        assert (REPO / module).is_file()
+        assert all((REPO / dep).exists() or dep.startswith(("data/", "../")) for dep in stage["deps"]), name
+
+
+def test_dvc_params_diff_shows_a_changed_training_epoch(tmp_path):
+    """The student's training config is DVC params: changing student.train.epochs shows in `dvc params diff`."""
+    import shutil
+    import subprocess
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    dvc = str(Path(os.sys.executable).parent / "dvc")
+
+    def run(*argv: str) -> str:
+        return subprocess.run(argv, cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "params")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    epochs = params["student"]["train"]["epochs"]
+    text = (tmp_path / "params.yaml").read_text().replace(f"    epochs: {epochs}\n", f"    epochs: {epochs + 1}\n")
+    (tmp_path / "params.yaml").write_text(text)
+    diff = run(dvc, "params", "diff", "--all")
+    assert "student.train.epochs" in diff and str(epochs + 1) in diff, diff
 
 
 @pytest.mark.parametrize("path", ["dvc.yaml", "params.yaml", ".dvc/config"])

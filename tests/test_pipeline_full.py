@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipelines.metadata import file_md5
-from pipelines.testing import corrupt_pairs, graph_definitions, tiny_run_config, write_tiny_senteval
+from tests.pipeline_helpers import corrupt_pairs, graph_definitions, tiny_run_config, write_tiny_senteval
 
 ALL_CHECKS = {"pairs_valid", "corpus_valid", "student_weights_finite", "student_embedding_shape",
               "student_dev_floor", "merged_weights_finite", "best_dev_floor", "champion_loads"}

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipelines.metadata import file_md5
-from pipelines.testing import CORPUS_FILE, corrupt_pairs, graph_definitions, write_tiny_senteval
+from tests.pipeline_helpers import CORPUS_FILE, corrupt_pairs, graph_definitions, write_tiny_senteval
 
 DATA_ASSETS = ["sts_pairs", "sentence_corpus", "teacher_embeddings"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.testing import corrupt_pairs, tiny_sections, write_tiny_senteval
+from tests.pipeline_helpers import corrupt_pairs, tiny_sections, write_tiny_senteval
 
 REPO = Path(__file__).resolve().parents[1]
 

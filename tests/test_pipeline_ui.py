@@ -79,8 +79,8 @@ def rest(url: str, path: str, body: dict | None = None) -> dict:
 def test_mlflow_server_reads_back_runs_and_registry(tmp_path: Path, tiny_bert_dir: Path):
     from mlflow import MlflowClient
 
-    from mixsp_core.pipeline_stages import default_artifact_location
-    from mixsp_core.registry import ensure_experiment, register_and_promote
+    from mixsp_core.tracking.registry import register_and_promote
+    from mixsp_core.tracking.tracker import default_artifact_location, ensure_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

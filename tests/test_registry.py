@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mixsp_core.registry import current_champion, register_and_promote
+from mixsp_core.tracking.registry import current_champion, register_and_promote
 from pipelines.metadata import file_md5
 
 MODEL = "mixsp-student"
@@ -17,8 +17,7 @@ MODEL = "mixsp-student"
 def client(tmp_path: Path):
     from mlflow import MlflowClient
 
-    from mixsp_core.pipeline_stages import default_artifact_location
-    from mixsp_core.registry import ensure_experiment
+    from mixsp_core.tracking.tracker import default_artifact_location, ensure_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow = MlflowClient(tracking_uri=uri, registry_uri=uri)

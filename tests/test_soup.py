@@ -9,9 +9,10 @@ import pytest
 from mixsp_core.cli import main
 from mixsp_core.errors import CheckpointError, ConfigError
 from mixsp_core.models.checkpoint import load_checkpoint
-from mixsp_core.stages import PipelinePaths, run_soup
-from mixsp_core.tracking import NullTracker
-from mixsp_core.train import run_training
+from mixsp_core.paths import PipelinePaths
+from mixsp_core.stages.merge import run_soup
+from mixsp_core.tracking.tracker import NullTracker
+from mixsp_core.training.loop import run_training
 from tests.train_helpers import one_thread, small_pairs, tiny_config
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)

@@ -10,7 +10,7 @@ import pytest
 
 from mixsp_core.errors import DataError
 from mixsp_core.models.encoder import Encoder
-from mixsp_core.teacher_cache import CacheStats, TeacherCache
+from mixsp_core.teacher.cache import CacheStats, TeacherCache
 
 FIRST = ["A dog barks.", "A cat sleeps on the mat.", "Two men play chess.", "A dog barks."]
 SECOND = ["Two men play chess.", "It is raining in the city.", "A woman slices an onion."]

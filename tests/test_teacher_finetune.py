@@ -13,9 +13,10 @@ from mixsp_core.cli import main
 from mixsp_core.errors import CheckpointError, ConfigError
 from mixsp_core.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 from mixsp_core.models.encoder import Encoder
-from mixsp_core.stages import PipelinePaths, encode_teacher
-from mixsp_core.teacher_cache import FINETUNED_TEACHER_FILE, teacher_identity
-from mixsp_core.teacher_finetune import check_teacher_config, export_teacher
+from mixsp_core.paths import PipelinePaths
+from mixsp_core.stages.teacher import encode_with_teacher
+from mixsp_core.teacher.cache import FINETUNED_TEACHER_FILE, teacher_identity
+from mixsp_core.teacher.finetune import check_teacher_config, export_teacher
 from tests.train_helpers import one_thread, small_pairs, tiny_config
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -60,8 +61,8 @@ def test_exported_teacher_gives_the_trained_vectors(finetuned, tiny_bert_dir):
 def test_teacher_cache_of_a_finetuned_teacher_is_keyed_by_its_weights(finetuned, tiny_bert_dir, tmp_path):
     teacher = finetuned / "teacher"
     paths = PipelinePaths(tmp_path)
-    encode_teacher(SENTENCES, paths, str(tiny_bert_dir), show_progress=False)  # a plain teacher: teacher/ as before
-    vectors, stats = encode_teacher(SENTENCES, paths, str(teacher), show_progress=False)
+    encode_with_teacher(SENTENCES, paths, str(tiny_bert_dir))  # a plain teacher: teacher/ as before
+    vectors, stats = encode_with_teacher(SENTENCES, paths, str(teacher))
     identity = teacher_identity(teacher)
     folder = paths.teacher_cache(identity)
     assert folder.parent == paths.teacher and folder.name.startswith("finetuned-")

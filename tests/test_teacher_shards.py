@@ -1,4 +1,4 @@
-"""Sharded teacher encoding (mixsp_core.teacher_shards): the split, shards merged == one-shot encoding,
+"""Sharded teacher encoding (mixsp_core.teacher.shards): the split, shards merged == one-shot encoding,
 re-runs as no-ops, and missing / corrupt / mismatched / stale shards refused with the cache untouched."""
 
 from __future__ import annotations
@@ -11,9 +11,16 @@ import pytest
 
 from mixsp_core.errors import ConfigError, DataError
 from mixsp_core.models.encoder import Encoder
-from mixsp_core.teacher_cache import TeacherCache, sentence_key
-from mixsp_core.teacher_shards import (ShardSpec, all_shards, encode_shard, merge_shards, read_shard, shard_of,
-                                       shard_sentences)
+from mixsp_core.teacher.cache import TeacherCache, sentence_key
+from mixsp_core.teacher.shards import (
+    ShardSpec,
+    all_shards,
+    encode_shard,
+    merge_shards,
+    read_shard,
+    shard_of,
+    shard_sentences,
+)
 
 MODEL = "tiny-teacher"
 SENTENCES = [f"Sentence number {i} about {topic}." for i, topic in enumerate(["dogs", "cats", "rain", "chess"] * 6)]

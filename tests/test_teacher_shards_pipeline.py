@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 import yaml
 
-from mixsp_core.teacher_cache import TeacherCache
-from pipelines.testing import (graph_definitions, teacher_shard_names, tiny_run_config, tiny_sections,
-                               write_tiny_senteval)
+from mixsp_core.teacher.cache import TeacherCache
+from tests.pipeline_helpers import (
+    graph_definitions,
+    teacher_shard_names,
+    tiny_run_config,
+    tiny_sections,
+    write_tiny_senteval,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = ["sts_pairs", "sentence_corpus"]
@@ -74,7 +79,9 @@ def test_multiprocess_run_encodes_shards_in_parallel_processes(tmp_path, source,
     from pipelines.run import EXECUTOR
 
     job = dg.build_reconstructable_job(
-        "pipelines.testing", "teacher_job",
+        "tests.pipeline_helpers", "teacher_job",
+        # the step processes import the job from tests/ (a fixture, not part of the package)
+        reconstructor_working_directory=str(Path(__file__).resolve().parents[1]),
         reconstructable_kwargs={"data_root": str(tmp_path / "data"), "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"})
     shards = teacher_shard_names()
     config = tiny_run_config(source, tiny_teacher_dir, tiny_teacher_dir, [*DATA, *shards, "teacher_embeddings"])

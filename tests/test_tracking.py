@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixsp_core.tracking import MLflowTracker, tracking_uri
+from mixsp_core.tracking.tracker import MLflowTracker, tracking_uri
 
 
 @pytest.mark.slow

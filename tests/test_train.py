@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mixsp_core.config import config_from_dict
 from mixsp_core.errors import CheckpointError, ConfigError
 from mixsp_core.models.checkpoint import load_checkpoint
-from mixsp_core.tracking import NullTracker
-from mixsp_core.train import (BatchStream, NeighbourBatches, Objective, distill_batches, nearest_neighbours, run_training,
-                              select_pairs)
+from mixsp_core.paths import RunDir
+from mixsp_core.tracking.tracker import NullTracker
+from mixsp_core.training.batches import BatchStream, NeighbourBatches, distill_batches, nearest_neighbours, select_pairs
+from mixsp_core.training.config import config_from_dict
+from mixsp_core.training.loop import run_training
+from mixsp_core.training.objective import Objective
+from mixsp_core.training.resume import can_resume, resume_state
 from tests.train_helpers import one_thread, small_pairs, tiny_config
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -112,6 +117,38 @@ def test_resume_refuses_a_different_config(tiny_bert_dir, pairs, tmp_path):
     changed = tiny_config(tiny_bert_dir, train={"max_steps": 4, "lr": 5e-4})
     with pytest.raises(CheckpointError, match="train.lr"):
         run_training(changed, pairs, out_dir=tmp_path / "r", tracker=NullTracker(), show_progress=False)
+
+
+def test_can_resume_only_an_interrupted_run_of_the_same_config(tiny_bert_dir, pairs, tmp_path):
+    config = tiny_config(tiny_bert_dir)  # 8 steps, a checkpoint every 4
+    run = RunDir(tmp_path / "r")
+    assert not can_resume(config, run) and resume_state(config, run) is None  # nothing saved yet
+    with pytest.raises(_Interrupt):
+        run_training(config, pairs, out_dir=run.root, tracker=_StopAt(6), show_progress=False)
+    assert can_resume(config, run)
+    # resume-free settings (how the run executes) and tracking.* may change
+    assert can_resume(tiny_config(tiny_bert_dir, train={"log_every": 2, "eval_batch_size": 8},
+                                  tracking={"experiment": "other"}), run)
+    changed = tiny_config(tiny_bert_dir, train={"lr": 5e-4})
+    assert not can_resume(changed, run)
+    with pytest.raises(CheckpointError, match="train.lr"):
+        resume_state(changed, run)
+
+    # a field the saved run predates (here: dropped from its state) compares as its default
+    saved = run.trainer_state.read_text(encoding="utf-8")
+    state = json.loads(saved)
+    del state["config"]["train"]["distill_neighbours"]
+    run.trainer_state.write_text(json.dumps(state), encoding="utf-8")
+    assert can_resume(config, run) and resume_state(config, run)[0]["step"] == 4
+    other = tiny_config(tiny_bert_dir, train={"distill_neighbours": 1})
+    assert not can_resume(other, run)
+    run.trainer_state.write_text("{not json", encoding="utf-8")
+    assert not can_resume(config, run)  # unreadable: start fresh
+    run.trainer_state.write_text(saved, encoding="utf-8")
+
+    run_training(config, pairs, out_dir=run.root, tracker=NullTracker(), show_progress=False)
+    assert not can_resume(config, run)  # finished: a retrain trains again
+    assert resume_state(config, run)[0]["step"] == 8  # ... while train.resume on a finished run only reports
 
 
 def test_cross_model_trains(tiny_bert_dir, pairs, tmp_path):
@@ -219,7 +256,7 @@ def test_grouped_batches_never_mix_tasks():
 
 
 def test_snapshots_and_start_for_merging(tiny_bert_dir, pairs, tmp_path):
-    from mixsp_core.merge import merge_checkpoints
+    from mixsp_core.merging import merge_checkpoints
     from mixsp_core.models.checkpoint import build_model
 
     config = tiny_config(tiny_bert_dir, train={"max_steps": 4, "eval_every": 4, "snapshot_every": 2})

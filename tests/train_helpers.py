@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mixsp_core.config import config_from_dict
 from mixsp_core.data.senteval import read_sick_file, read_stsb_file
 from mixsp_core.data.table import concat_pairs
+from mixsp_core.training.config import config_from_dict
 
 
 def small_pairs(senteval_dir: Path, n_train: int = 48, n_dev: int = 24) -> pd.DataFrame:

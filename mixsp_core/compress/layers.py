@@ -9,7 +9,6 @@ safetensors weights, tokenizer).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from mixsp_core.errors import ConfigError
+from mixsp_core.io import write_json_atomic
 
 # Where encoder families keep their layer stack, and the config field that counts it.
 _LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers")
@@ -142,7 +142,7 @@ def truncate_model_dir(source: str | os.PathLike[str], output_dir: str | os.Path
     cut_layers(model.encoder, keep)
     record = {"source": os.fspath(source), "kept_layers": keep, "original_layers": total}
     out = save_checkpoint(model, output_dir, extra={**meta.get("training", {}), "layers": record})
-    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / PROVENANCE_FILE, record)
     return out
 
 
@@ -171,5 +171,5 @@ def save_truncated_encoder(source: str | os.PathLike[str], output_dir: str | os.
                 shutil.copyfile(src, out / rel)
     record = {"source": os.fspath(source), "resolved": os.fspath(resolved), "kept_layers": keep,
               "original_layers": total}
-    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / PROVENANCE_FILE, record)
     return out

@@ -20,8 +20,9 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from mixsp_core.fsutil import replace_dir
 from mixsp_core.errors import CheckpointError, ConfigError
+from mixsp_core.io import atomic_write, write_json_atomic, writing_dir
+from mixsp_core.paths import OPTIMIZER_FILE, TRAINER_STATE_FILE
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "transform.json"
@@ -278,8 +279,8 @@ def save_transform(chain: TransformChain, directory: str | Path, extra: dict[str
     }
     # safetensors refuses an empty dict on some versions; a marker keeps the file valid and explicit.
     tensors.setdefault("format_version", np.array([FORMAT_VERSION], dtype=np.int64))
-    save_file(tensors, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    write_json_atomic(directory / CONFIG_FILE, config)
     return directory
 
 
@@ -348,9 +349,7 @@ def write_compressed_model(source: str | Path, chain: TransformChain, output_dir
     """A self-contained compressed model: a copy of ``source`` (a checkpoint or HF folder, or a Hub id
     resolved to its folder; resumable-training files and any old transform left out) with ``chain``
     saved in ``output_dir/transform/``. Written beside the target and renamed into place."""
-    import os
     import shutil
-    import tempfile
 
     from mixsp_core.models.resolve import resolve_model
 
@@ -358,15 +357,10 @@ def write_compressed_model(source: str | Path, chain: TransformChain, output_dir
     target = Path(output_dir)
     if target.resolve() == src.resolve():
         raise ValueError(f"{target}: write the compressed model to a new directory, not over its source")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    skip = shutil.ignore_patterns(TRANSFORM_SUBDIR, "trainer_state.json", "optimizer.safetensors", ".*")
-    try:
+    skip = shutil.ignore_patterns(TRANSFORM_SUBDIR, TRAINER_STATE_FILE, OPTIMIZER_FILE, ".*")
+    with writing_dir(target) as work:
         shutil.copytree(src, work, ignore=skip, dirs_exist_ok=True)
         save_transform(chain, work / TRANSFORM_SUBDIR, {"source": str(source), **(info or {})})
-        replace_dir(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return target
 
 

@@ -12,7 +12,7 @@ from mixsp_core.data.corpus import (
     read_corpus,
     write_corpus,
 )
-from mixsp_core.data.sources import default_data_spec, load_pairs
+from mixsp_core.data.sources import load_pairs
 from mixsp_core.data.table import PAIR_COLUMNS, SPLITS, TASKS, concat_pairs, eval_name, make_pairs, pair_counts_markdown
 from mixsp_core.data.validate import DataValidationError, ValidationReport, validate_corpus, validate_pairs
 
@@ -26,7 +26,6 @@ __all__ = [
     "build_corpus",
     "concat_pairs",
     "default_corpus_files",
-    "default_data_spec",
     "eval_name",
     "load_nli_triplets",
     "load_pairs",

@@ -7,10 +7,8 @@ seed and capped. A corpus file holds one sentence per line.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import pandas as pd
 
 from mixsp_core.data.senteval import read_text_lines
 from mixsp_core.errors import DataError
+from mixsp_core.io import write_text_atomic
 
 LineFormat = Literal["plain", "sst", "trec"]
 _LINE_BREAKS = re.compile(r"[\r\n]+")
@@ -145,16 +144,7 @@ def write_corpus(sentences: Iterable[str], path: str | Path) -> Path:
     for number, sentence in enumerate(sentences, start=1):
         if "\n" in sentence or "\r" in sentence:
             raise DataError(path, f"sentence {number} contains a line break: {sentence[:60]!r}", number)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.writelines(f"{sentence}\n" for sentence in sentences)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, "".join(f"{sentence}\n" for sentence in sentences))
 
 
 def read_corpus(path: str | Path, *, allow_empty_lines: bool = True) -> list[str]:

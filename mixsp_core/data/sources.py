@@ -7,7 +7,6 @@ commas; the frames are concatenated in the order given.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pandas as pd
 
@@ -23,7 +22,6 @@ LOADERS: dict[str, Callable[[str], pd.DataFrame]] = {
     "hf-disk": load_hub_disk,
     "file": load_pairs_file,
 }
-DEFAULT_HUB_SPEC = "hf:mteb/stsbenchmark-sts,hf:mteb/sickr-sts"
 
 
 def parse_spec(spec: str) -> list[tuple[str, str]]:
@@ -46,16 +44,3 @@ def load_pairs(spec: str) -> pd.DataFrame:
     """Load and concatenate the pairs of every source in ``spec`` (see the module docstring)."""
     return concat_pairs([LOADERS[scheme](target) for scheme, target in parse_spec(spec)])
 
-
-def default_data_spec(shared_dir: str | Path | None) -> str:
-    """``senteval:<dir>`` for a local SentEval copy, else the Hub's STS-B and SICK-R.
-
-    ``shared_dir`` may be the SentEval directory itself or a folder holding ``senteval/``
-    (e.g. ``../shared/data``).
-    """
-    if shared_dir is not None:
-        root = Path(shared_dir)
-        for candidate in (root / "senteval", root):
-            if (candidate / "STS").is_dir() or (candidate / "SICK").is_dir():
-                return f"senteval:{candidate}"
-    return DEFAULT_HUB_SPEC

@@ -32,7 +32,9 @@ from mixsp_core.compress.quantize import quantizer
 from mixsp_core.compress.transform import VECTOR_TYPES, Embedder, Transform, TransformChain, bytes_per_vector
 from mixsp_core.compress.truncate import TruncateTransform
 from mixsp_core.errors import ConfigError
+from mixsp_core.evaluate.plots import save_figure
 from mixsp_core.evaluate.sts import DEV_TASKS, cosine_rows, primary_metric, score_table
+from mixsp_core.io import write_json_atomic, write_text_atomic
 
 DIM_METHODS = ("pca", "truncate")
 DEFAULT_DIMS = (32, 64, 128, 256, 384)
@@ -106,10 +108,8 @@ class GridResult:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        """Write :meth:`to_dict` as JSON to ``path`` atomically (parent folders created)."""
+        return write_json_atomic(path, self.to_dict())
 
     @property
     def task_names(self) -> list[str]:
@@ -157,18 +157,14 @@ class GridResult:
         axes[0][-1].legend(loc="best", fontsize=8)
         fig.suptitle(self.model, fontsize=9)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        path = save_figure(fig, path)
         plt.close(fig)
         return path
 
     def write(self, directory: str | Path, stem: str = "grid") -> dict[str, Path]:
         """``{stem}.json``, ``{stem}.md`` and ``{stem}.png`` in ``directory``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        md = directory / f"{stem}.md"
-        md.write_text(self.to_markdown() + "\n", encoding="utf-8")
+        md = write_text_atomic(directory / f"{stem}.md", self.to_markdown() + "\n")
         return {"json": self.save_json(directory / f"{stem}.json"), "markdown": md,
                 "plot": self.plot(directory / f"{stem}.png")}
 

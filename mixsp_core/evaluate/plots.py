@@ -3,7 +3,7 @@
 MixSP claims (i) less overlap between the predicted-similarity distributions of upper-range pairs
 (gold >= 4 of 5) and lower-range pairs, and (ii) better ranking inside each class. ``class_metrics``
 measures both; ``plot_class_histogram`` draws the two distributions; ``plot_dev_curve`` draws dev
-Spearman over training steps.
+Spearman over training steps; ``save_figure`` writes any figure atomically.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import spearmanr
+
+from mixsp_core.io import atomic_write
+
+FIGURE_DPI = 120
 
 
 def overlap_coefficient(a: np.ndarray, b: np.ndarray, bins: int = 50) -> float:
@@ -66,6 +70,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = FIGURE_DPI) -> Path:
+    """Write the matplotlib figure ``fig`` to ``path`` atomically (parent folders created), in the format
+    its suffix names (matplotlib's default format when it has none). Returns ``path``."""
+    import matplotlib
+
+    path = Path(path)
+    # Named explicitly: matplotlib would read the format off the temporary file's suffix.
+    fmt = path.suffix[1:] or matplotlib.rcParams["savefig.format"]
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+
+
 def plot_class_histogram(scores: Sequence[float], gold: Sequence[float], path: str | Path,
                          threshold: float = 4.0, title: str = "", bins: int = 50) -> dict[str, Any]:
     """Histogram of predicted similarity for gold-upper vs gold-lower pairs, saved as ``path`` (PNG);
@@ -84,8 +99,7 @@ def plot_class_histogram(scores: Sequence[float], gold: Sequence[float], path: s
     ax.set_title(f"{title}  overlap = {overlap:.3f}" if overlap is not None else title)
     ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return metrics
 
@@ -105,7 +119,6 @@ def plot_dev_curve(history: Sequence[dict[str, Any]], path: str | Path,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = save_figure(fig, path)
     plt.close(fig)
-    return Path(path)
+    return path

@@ -7,6 +7,7 @@ tasks and is null unless all seven are present. Model selection uses dev data on
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -78,7 +79,14 @@ def summarise(model: str, tasks: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 def primary_metric(result: dict[str, Any]) -> float | None:
     """Mean Spearman of the dev tasks present (STS-B dev, SICK trial): the number models are selected on."""
-    present = [result["tasks"][t]["spearman"] for t in DEV_TASKS if t in result["tasks"]]
+    tasks = result["tasks"]
+    return mean_dev_spearman({t: tasks[t]["spearman"] for t in DEV_TASKS if t in tasks})
+
+
+def mean_dev_spearman(spearman: Mapping[str, float], dev_sets: Iterable[str] = DEV_TASKS) -> float | None:
+    """The selection metric: the mean of ``spearman[name]`` over the ``dev_sets`` present, in their order;
+    None when none is. The trainer passes its ``data.dev_sets`` (all scored), the evaluator the default."""
+    present = [spearman[name] for name in dev_sets if name in spearman]
     return float(np.mean(present)) if present else None
 
 

@@ -1,5 +1,9 @@
 """Models: name resolution (offline copies), pooling and the sentence ``Encoder``.
 
+The fast encoding path is split by subject: ``batching`` (bulk tokenisation, unpadded batch plans),
+``encode_loop`` (running a pooled forward over the plans on CPU / CUDA), ``inference`` (precision,
+int8 weight quantisation, token budget) and ``malloc_tuning`` (glibc allocator settings for CPU).
+
 Names are imported lazily so ``import mixsp_core.models`` does not pull in torch/transformers.
 """
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,16 +24,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from mixsp_core.fsutil import replace_dir
-from mixsp_core.config import ModelConfig, build_dataclass
 from mixsp_core.errors import CheckpointError, ConfigError
+from mixsp_core.io import write_json_atomic, writing_dir
+from mixsp_core.paths import OPTIMIZER_FILE, WEIGHTS_FILE
+from mixsp_core.paths import TRAINER_STATE_FILE as STATE_FILE
+from mixsp_core.training.config import ModelConfig, build_dataclass
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 ENCODER_DIR = "encoder"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
 KINDS = ("bi", "cross")
 
 
@@ -73,9 +70,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
     written beside the target and renamed over it, so a crash never leaves a half checkpoint.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
+    with writing_dir(target) as work:
         meta = {
             "mixsp_kind": model.kind,
             "format_version": FORMAT_VERSION,
@@ -84,7 +79,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
             "encoder_dir": ENCODER_DIR,
             "training": extra or {},
         }
-        (work / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json_atomic(work / CONFIG_FILE, meta, default=str)
         save_model(model, str(work / WEIGHTS_FILE), metadata={"format": "pt", "mixsp_kind": model.kind})
         model.encoder.config.save_pretrained(work / ENCODER_DIR)
         model.tokenizer.save_pretrained(work / ENCODER_DIR)
@@ -97,10 +92,7 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
                     for i, s in enumerate(torch.cuda.get_rng_state_all()):
                         tensors[f"rng.cuda.{i}"] = s
                 save_file(tensors, str(work / OPTIMIZER_FILE))
-            (work / STATE_FILE).write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
-        replace_dir(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            write_json_atomic(work / STATE_FILE, state, default=str)
     return target
 
 

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedModel
 
-from mixsp_core.models.fast import BulkTokenizer, InferenceCopy, encode_planned, resolve_inference, tune_malloc
+from mixsp_core.models.batching import BulkTokenizer
+from mixsp_core.models.encode_loop import encode_planned
+from mixsp_core.models.inference import InferenceCopy, resolve_inference
+from mixsp_core.models.malloc_tuning import tune_malloc
 from mixsp_core.models.pooling import POOLINGS, mean_pool, pool
 from mixsp_core.models.resolve import canonical_id, packaged_model_path, resolve_model
 
@@ -42,13 +45,14 @@ class Encoder:
     ``max_length``: tokens kept per sentence (capped by the tokenizer's and the position table's limits);
     ``show_progress``: the default for ``encode``'s tqdm bar.
 
-    ``encode`` / ``encode_layers`` take the fast path (``fast=True``, see :mod:`mixsp_core.models.fast`):
+    ``encode`` / ``encode_layers`` take the fast path (``fast=True``, see :mod:`mixsp_core.models.batching`):
     bulk tokenisation, batches of sentences of exactly equal token count (no padding, no attention
     mask), ``inference_mode``. Inference-only settings:
 
     * ``precision``: ``"auto"`` (bf16 weights on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``;
       a non-fp32 precision runs a cast copy of the model (pooling and outputs stay float32);
-    * ``quantize``: ``"int8"`` runs a dynamically quantised copy (``nn.Linear`` in int8; CPU, fp32 only);
+    * ``quantize``: ``"int8"`` runs a copy with dynamically quantised weights (``nn.Linear`` in int8; CPU,
+      fp32 only; see :mod:`mixsp_core.models.inference`);
     * ``token_budget``: tokens per batch (``batch_size`` then gives way to ``token_budget // length``);
       ``"auto"``: 65536 on CUDA, None (``batch_size`` sentences) on CPU;
     * ``cpu_workers`` (attribute): on CPU, batches run side by side on this many threads with one
@@ -234,7 +238,7 @@ class Encoder:
         return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
 
     def inference_model(self) -> torch.nn.Module:
-        """The module the fast path runs: ``self.model`` in fp32, else a cached cast / int8 copy
+        """The module the fast path runs: ``self.model`` in fp32, else a cached cast / int8-weight copy
         (rebuilt when ``self.model``'s weights have changed since)."""
         return self._infer_copy.get(self.model, self.precision, self.quantize)
 

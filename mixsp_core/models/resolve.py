@@ -13,20 +13,20 @@ small stamp keyed by the file's size and mtime, so later calls cost a ``stat``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from mixsp_core.errors import CheckpointError, MixSPError
+from mixsp_core.io import exclusive_lock, sha256_file, sha256_text, write_text_atomic, writing_dir
+from mixsp_core.paths import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,7 @@ def canonical_id(name: str) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+# --------------------------------------------------------------------------- verification
 
 
 def verify_sha256(path: Path, expected: str, stamp_dir: Path | None = None, key: str | None = None) -> None:
@@ -116,7 +107,7 @@ def verify_sha256(path: Path, expected: str, stamp_dir: Path | None = None, key:
     record = {"key": key, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": expected}
     stamp = None
     if stamp_dir is not None:
-        stamp = Path(stamp_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        stamp = Path(stamp_dir) / f"{sha256_text(key)[:24]}.json"
         with contextlib.suppress(OSError, ValueError):
             if json.loads(stamp.read_text()) == record:
                 return
@@ -125,22 +116,9 @@ def verify_sha256(path: Path, expected: str, stamp_dir: Path | None = None, key:
         raise CheckpointError(f"{path}: sha256 {actual} does not match the expected {expected} (corrupt copy?)")
     if stamp is not None:
         try:  # a read-only cache only costs a re-hash next time
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(stamp, json.dumps(record))
+            write_text_atomic(stamp, json.dumps(record))
         except OSError as err:
             log.debug("could not write verification stamp %s: %s", stamp, err)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- split zip
@@ -194,23 +172,6 @@ def extract_zip(zip_path: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, out, length=1 << 22)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock so two processes do not unpack the same model at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename below still keeps the cache sound
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def unpack_split_zip(
     parts: Sequence[Path],
     target: Path,
@@ -225,22 +186,22 @@ def unpack_split_zip(
     """
     target = Path(target)
     stamp_dir = target / _STAMP
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    # The lock keeps two processes from unpacking the same model at once (the swap alone keeps it sound).
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
         if target.is_dir():
             for rel, digest in checks.items():
                 verify_sha256(target / rel, digest, stamp_dir, key=rel)
             return target
-        work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-        try:
-            zip_path = join_parts(parts, work / "joined.zip", expected_size)
-            folder = work / target.name
-            extract_zip(zip_path, folder)
-            zip_path.unlink()
+        with writing_dir(target) as folder:
+            # The joined zip sits beside the work folder, not in it: the folder holds only what the zip holds.
+            zip_path = folder.with_name(f"{folder.name}.zip")
+            try:
+                join_parts(parts, zip_path, expected_size)
+                extract_zip(zip_path, folder)
+            finally:
+                zip_path.unlink(missing_ok=True)
             for rel, digest in checks.items():
                 verify_sha256(folder / rel, digest, folder / _STAMP, key=rel)
-            os.rename(folder, target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     return target
 
 
@@ -285,14 +246,14 @@ def packaged_model_path(hub_id: str) -> Path:
     models = cache_dir() / "models"
     if canon == MINILM_ID:
         folder = minilm_folder()
-        verify_sha256(folder / "model.safetensors", MINILM_SHA256, cache_dir() / "verified")
+        verify_sha256(folder / WEIGHTS_FILE, MINILM_SHA256, cache_dir() / "verified")
         return folder
     models.mkdir(parents=True, exist_ok=True)
     target = models / "all-mpnet-base-v2"
     if not target.is_dir():
         log.info("unpacking %s into %s (once)", MPNET_ID, target)
     return unpack_split_zip(
-        mpnet_part_paths(), target, {"model.safetensors": MPNET_SHA256}, expected_size=MPNET_ZIP_SIZE
+        mpnet_part_paths(), target, {WEIGHTS_FILE: MPNET_SHA256}, expected_size=MPNET_ZIP_SIZE
     )
 
 

@@ -7,9 +7,9 @@ towards the PCA_k-projected teacher when HPD is on). Similarity is the cosine of
 ``forward(batch, layers=[i, ...])`` also embeds from earlier encoder layers through the same heads
 (2DMSE / ESE training), which is what the model cut to its first i layers computes.
 
-``encode`` takes the fast path of :mod:`mixsp_core.models.fast` (bulk tokenisation, unpadded batches
-of equal token count, ``inference_mode``, CPU batches side by side); ``fast = False`` keeps the plain
-padded loop as the reference.
+``encode`` takes the fast path of :mod:`mixsp_core.models.encode_loop` (bulk tokenisation, unpadded
+batches of equal token count, ``inference_mode``, CPU batches side by side); ``fast = False`` keeps
+the plain padded loop as the reference.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel
 
-from mixsp_core.config import ModelConfig
-from mixsp_core.models.fast import InferenceCopy, encode_with, resolve_inference
+from mixsp_core.models.encode_loop import encode_with
+from mixsp_core.models.inference import InferenceCopy, resolve_inference
 from mixsp_core.models.pooling import pool
 from mixsp_core.models.routing import RoutedProjector, RoutingOutput
-
+from mixsp_core.training.config import ModelConfig
 
 # --------------------------------------------------------------------------- loading the base encoder
 
@@ -124,9 +124,9 @@ class BiStudent(nn.Module):
     def configure_inference(self, precision: str = "auto", quantize: str | None = None,
                             token_budget: int | str | None = "auto", fast: bool = True) -> BiStudent:
         """Set how :meth:`encode` runs (not the weights): ``precision`` / ``quantize`` apply to the
-        encoder only (a cast / int8 copy; pooling, router, projectors and output layer stay float32),
+        encoder only (a cast / int8-weight copy; pooling, router, projectors and output layer stay float32),
         ``token_budget`` sizes the batches, ``fast=False`` takes the plain loop. ``"auto"`` values are
-        resolved on the device of each call (see :func:`mixsp_core.models.fast.resolve_inference`);
+        resolved on the device of each call (see :func:`mixsp_core.models.inference.resolve_inference`);
         bad values raise ValueError now. Returns ``self``."""
         resolve_inference(precision, quantize, token_budget, self.device)
         self.inference = {"precision": precision, "quantize": quantize, "token_budget": token_budget}

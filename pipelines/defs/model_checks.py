@@ -21,7 +21,7 @@ PROBE = ["A man is playing a guitar.", "Two dogs run through a field.", "The sto
 
 def finite_weights_result(checkpoint: Path) -> dg.AssetCheckResult:
     """Pass when every floating tensor of the checkpoint's safetensors file is finite."""
-    from mixsp_core.merge import read_state
+    from mixsp_core.merging import read_state
 
     state = read_state(checkpoint)
     bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
@@ -37,18 +37,18 @@ def floor_result(dev: float, floor: float, what: str) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=student, blocking=True, description="Every weight of the best checkpoint is finite.")
 def student_weights_finite(paths: PathsResource) -> dg.AssetCheckResult:
-    return finite_weights_result(paths.pipeline_paths().student / "best")
+    return finite_weights_result(paths.pipeline_paths().student.best)
 
 
 @dg.asset_check(asset=student, blocking=True,
                 description="The best checkpoint embeds to (n, model.output_dim) finite, unit-norm vectors.")
 def student_embedding_shape(paths: PathsResource) -> dg.AssetCheckResult:
-    from mixsp_core.config import load_config
     from mixsp_core.models.checkpoint import load_embedder
+    from mixsp_core.training.config import load_config
 
-    out = paths.pipeline_paths().student
-    config = load_config(out / "run_config.yaml")
-    embedder = load_embedder(out / "best", device="cpu")
+    run = paths.pipeline_paths().student
+    config = load_config(run.config)
+    embedder = load_embedder(run.best, device="cpu")
     expected = config.model.output_dim or int(embedder.hidden_dim)
     vectors = np.asarray(embedder.encode(PROBE, batch_size=8, show_progress=False))
     ok = vectors.shape == (len(PROBE), expected) and bool(np.isfinite(vectors).all())
@@ -59,13 +59,13 @@ def student_embedding_shape(paths: PathsResource) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=student, blocking=True, description="Dev primary metric not below the configured floor.")
 def student_dev_floor(paths: PathsResource, model_gate: ModelGateResource) -> dg.AssetCheckResult:
-    metrics = json.loads((paths.pipeline_paths().student / "metrics.json").read_text())["best"]
+    metrics = json.loads(paths.pipeline_paths().student.metrics.read_text())["best"]
     return floor_result(metrics["primary"], model_gate.min_dev_spearman, "student")
 
 
 @dg.asset_check(asset=merged_model, blocking=True, description="Every weight of the merged model is finite.")
 def merged_weights_finite(paths: PathsResource) -> dg.AssetCheckResult:
-    return finite_weights_result(paths.pipeline_paths().merged / "model")
+    return finite_weights_result(paths.pipeline_paths().merged_model)
 
 
 @dg.asset_check(asset=evaluation_report, blocking=True,
@@ -78,10 +78,10 @@ def best_dev_floor(paths: PathsResource, model_gate: ModelGateResource) -> dg.As
 @dg.asset_check(asset=champion, blocking=True,
                 description="data/models/champion/ loads the way `mixsp encode` loads it and embeds finitely.")
 def champion_loads(paths: PathsResource) -> dg.AssetCheckResult:
-    from mixsp_core.stages import load_pipeline_embedder
+    from mixsp_core.models.checkpoint import load_embedder
 
     folder = paths.pipeline_paths().champion
-    vectors = np.asarray(load_pipeline_embedder(folder, device="cpu").encode(PROBE, batch_size=8))
+    vectors = np.asarray(load_embedder(folder, device="cpu").encode(PROBE, batch_size=8))
     record = json.loads((folder / "champion.json").read_text())
     return dg.AssetCheckResult(passed=bool(np.isfinite(vectors).all()) and vectors.shape[0] == len(PROBE), metadata={
         "shape": str(tuple(vectors.shape)), "version": str(record["champion_version"]),

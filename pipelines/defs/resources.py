@@ -1,22 +1,34 @@
-"""Resources: where artifacts live (and on which device to compute), and the MLflow tracking store."""
+"""Resources: the typed params (params.yaml) with where artifacts live and on which device, and the MLflow
+store the library's stages record their runs in."""
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import dataclasses
+import functools
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
-from mixsp_core.pipeline_config import REPO_ROOT, shared_dir
-from pipelines.params import default_tracking_uri, pipeline_params, stage_section
+from mixsp_core.params import PARAMS_FILE, Params, load_params
+from mixsp_core.paths import in_repo, shared_dir
+from mixsp_core.tracking.tracker import RunTarget, tracking_uri
 
 if TYPE_CHECKING:
-    import mlflow
+    from mixsp_core.paths import PipelinePaths
 
-    from mixsp_core.stages import PipelinePaths
+
+def params_file() -> Path:
+    """The params file in force: ``$MIXSP_PARAMS`` when set (tests), else the repository's params.yaml."""
+    return Path(os.environ.get("MIXSP_PARAMS", PARAMS_FILE))
+
+
+@functools.cache
+def pipeline_params() -> Params:
+    """params.yaml parsed once per process; the Dagster config classes take their defaults from it, so the
+    launchpad shows the values DVC runs with."""
+    return load_params(params_file())
 
 
 class PathsResource(dg.ConfigurableResource):
@@ -31,90 +43,44 @@ class PathsResource(dg.ConfigurableResource):
     device: str = pipeline_params().teacher.device
 
     def root(self) -> Path:
-        root = Path(self.data_root)
-        return root if root.is_absolute() else REPO_ROOT / root
+        return in_repo(self.data_root)
 
     def pipeline_paths(self) -> "PipelinePaths":
-        from mixsp_core.stages import PipelinePaths
-
-        return PipelinePaths(self.root())
+        return self.params().paths
 
     def torch_device(self) -> str | None:
         """None lets the library pick (CUDA when available)."""
         return None if self.device == "auto" else self.device
 
-
-def git_commit(repo: Path = REPO_ROOT) -> str:
-    """The checked-out commit (read-only ``git rev-parse``); ``unknown`` outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    def params(self, **sections: dict[str, Any]) -> Params:
+        """params.yaml with this resource's data root and device, and an asset's config values over the
+        file's section (``compress={"variants": [...]}``), so the stage sees what the launchpad set."""
+        params = pipeline_params().with_data_root(self.root())
+        params = dataclasses.replace(params, teacher=dataclasses.replace(params.teacher, device=self.device))
+        return dataclasses.replace(params, **{name: dataclasses.replace(getattr(params, name), **values)
+                                              for name, values in sections.items()})
 
 
 class MlflowResource(dg.ConfigurableResource):
-    """One MLflow run per training or evaluation materialisation, tagged with the Dagster run and git commit."""
+    """The MLflow store the stages record their runs in, each tagged with the Dagster run and git commit."""
 
-    tracking_uri: str = default_tracking_uri()
-    experiment: str = "mixsp"
-    registered_model: str = stage_section("promote").registered_model
+    tracking_uri: str = tracking_uri()
+    experiment: str = pipeline_params().promote.experiment
+    registered_model: str = pipeline_params().promote.registered_model
 
-    def client(self) -> "mlflow.MlflowClient":
-        import mlflow
-
-        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-
-    def run_tags(self, context: dg.AssetExecutionContext | dg.OpExecutionContext) -> dict[str, str]:
-        """Tags every MLflow run of this materialisation carries: the Dagster run, job and git commit."""
-        tags = {
-            "dagster.run_id": context.run_id,
-            "dagster.job": context.job_name,
-            "git.commit": git_commit(),
-            "mlflow.source.git.commit": git_commit(),
-        }
+    def target(self, context: dg.AssetExecutionContext | dg.OpExecutionContext) -> RunTarget:
+        """Where and with which tags the library's stages record this materialisation's MLflow runs."""
+        tags = {"dagster.run_id": context.run_id, "dagster.job": context.job_name}
         if context.has_partition_key:
             tags["dagster.partition"] = context.partition_key
-        return tags
-
-    def ensure_experiment(self) -> str:
-        """The experiment id; created with its artifacts beside a SQLite store (not in the cwd)."""
-        from mixsp_core.pipeline_stages import default_artifact_location
-        from mixsp_core.registry import ensure_experiment
-
-        return ensure_experiment(self.client(), self.experiment, default_artifact_location(self.tracking_uri))
-
-    def tracker(self, context: dg.AssetExecutionContext, run_name: str, tags: Mapping[str, str] | None = None):
-        """A client-based training tracker (mixsp_core.tracking.MLflowTracker) on a new tagged run."""
-        from mixsp_core.tracking import MLflowTracker
-
-        self.ensure_experiment()
-        tracker = MLflowTracker(experiment=self.experiment, run_name=run_name, uri=self.tracking_uri,
-                                tags={**self.run_tags(context), **(tags or {})})
-        context.log.info(f"MLflow run {tracker.run_id} ({self.tracking_uri}, experiment {self.experiment})")
-        return tracker
-
-    @contextmanager
-    def start_run(self, context: dg.AssetExecutionContext | dg.OpExecutionContext, run_name: str,
-                  tags: Mapping[str, str] | None = None) -> Iterator["mlflow.ActiveRun"]:
-        """Open an MLflow run named ``run_name`` in the configured experiment; it ends (FAILED on error) on exit."""
-        import mlflow
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        mlflow.set_experiment(experiment_id=self.ensure_experiment())
-        all_tags = {**self.run_tags(context), **(tags or {})}
-        with mlflow.start_run(run_name=run_name, tags=all_tags) as run:
-            context.log.info(f"MLflow run {run.info.run_id} ({self.tracking_uri}, experiment {self.experiment})")
-            yield run
+        return RunTarget(uri=self.tracking_uri, tags=tags)
 
 
 class ModelGateResource(dg.ConfigurableResource):
-    """The model checks' floor: dev primary metric (Spearman x100) a model must reach (params.yaml
+    """The model checks' floor: dev mean Spearman x100 a model must reach (params.yaml
     ``evaluate.min_dev_spearman``)."""
 
-    min_dev_spearman: float = stage_section("evaluate").min_dev_spearman
+    min_dev_spearman: float = pipeline_params().evaluate.min_dev_spearman
 
 
 @dg.definitions

@@ -9,8 +9,8 @@ materialisation (nothing to compare with) it waits for ``make run``.
 
 import dagster as dg
 
-from pipelines.defs.assets.prepare import CorpusConfig, PairsConfig
 from pipelines.defs.jobs import mixsp_full
+from pipelines.defs.resources import pipeline_params
 from pipelines.fingerprint import files_fingerprint, spec_fingerprint
 
 
@@ -31,8 +31,8 @@ def _recorded_hash(context: dg.SensorEvaluationContext, asset: str) -> str | Non
 )
 def source_data_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     current = {
-        "sts_pairs": spec_fingerprint(PairsConfig().resolved_spec()),
-        "sentence_corpus": files_fingerprint(CorpusConfig().resolved_files()),
+        "sts_pairs": spec_fingerprint(pipeline_params().data.resolved_spec()),
+        "sentence_corpus": files_fingerprint(pipeline_params().data.resolved_corpus_files()),
     }
     recorded = {asset: _recorded_hash(context, asset) for asset in current}
     if any(value is None for value in recorded.values()):

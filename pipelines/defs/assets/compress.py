@@ -7,11 +7,10 @@ import dagster as dg
 
 from pipelines.defs.assets.prepare import sentence_corpus
 from pipelines.defs.assets.train import student
-from pipelines.defs.resources import PathsResource
+from pipelines.defs.resources import PathsResource, pipeline_params
 from pipelines.metadata import markdown_table
-from pipelines.params import params_for_run, stage_section
 
-_COMPRESS = stage_section("compress")
+_COMPRESS = pipeline_params().compress
 
 
 class CompressConfig(dg.Config):
@@ -31,10 +30,9 @@ class CompressConfig(dg.Config):
 )
 def compressed_variants(context: dg.AssetExecutionContext, config: CompressConfig,
                         paths: PathsResource) -> dg.MaterializeResult:
-    from mixsp_core.stages import run_compress
+    from mixsp_core.stages.compress import run_compress
 
-    params = params_for_run(paths.root(), compress={"variants": config.variants,
-                                                    "fit_sentences": config.fit_sentences})
+    params = paths.params(compress={"variants": config.variants, "fit_sentences": config.fit_sentences})
     result = run_compress(params)
     context.log.info(result.summary())
     rows = [[name, v["steps"], v["output_dim"], v["vector_type"], v["bytes_per_vector"]]

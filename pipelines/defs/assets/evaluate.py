@@ -12,11 +12,10 @@ from pipelines.defs.assets.compress import compressed_variants
 from pipelines.defs.assets.merge import merged_model
 from pipelines.defs.assets.prepare import sentence_corpus, sts_pairs
 from pipelines.defs.assets.train import student
-from pipelines.defs.resources import MlflowResource, PathsResource
+from pipelines.defs.resources import MlflowResource, PathsResource, pipeline_params
 from pipelines.metadata import file_metadata, png_file_markdown
-from pipelines.params import params_for_run, stage_section
 
-_EVALUATE = stage_section("evaluate")
+_EVALUATE = pipeline_params().evaluate
 
 
 class EvaluateConfig(dg.Config):
@@ -38,21 +37,13 @@ class EvaluateConfig(dg.Config):
 )
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig, paths: PathsResource,
                       mlflow: MlflowResource) -> dg.MaterializeResult:
-    import mlflow as mlflow_api
+    from mixsp_core.stages.evaluate import run_evaluate
 
-    from mixsp_core.stages import run_evaluate
-
-    params = params_for_run(paths.root(), evaluate={
+    params = paths.params(evaluate={
         "grid_layers": config.grid_layers, "grid_dims": config.grid_dims,
         "grid_vector_types": config.grid_vector_types, "grid_fit_sentences": config.grid_fit_sentences})
-    with mlflow.start_run(context, run_name="evaluate", tags={"mixsp.stage": "evaluate"}) as run:
-        report = run_evaluate(params)
-        mlflow_api.log_metrics({f"dev/{name.replace('/', '.')}": value for name, value in report["dev"].items()})
-        mlflow_api.log_metrics({"best_dev": report["best_dev"]})
-        mlflow_api.set_tags({"mixsp.best": report["best"], "mixsp.grid_model": report["grid_model"]})
-        reports = paths.pipeline_paths().reports
-        for name in ("evaluation.json", "evaluation.md", "evaluation.png", "grid.json", "grid.md", "grid.png"):
-            mlflow_api.log_artifact(str(reports / name), artifact_path="reports")
+    report = run_evaluate(params, target=mlflow.target(context))
+    reports = params.paths.reports
     meta = {
         "best": report["best"],
         "best_dev": float(report["best_dev"]),
@@ -61,7 +52,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
         "plot": png_file_markdown(reports / "evaluation.png"),
         "grid": dg.MetadataValue.md((reports / "grid.md").read_text()),
         "grid_plot": png_file_markdown(reports / "grid.png"),
-        "mlflow_run_id": run.info.run_id,
-        **file_metadata(paths.pipeline_paths().evaluation),
+        "mlflow_run_id": report["mlflow_run_id"],
+        **file_metadata(params.paths.evaluation),
     }
     return dg.MaterializeResult(metadata=meta)

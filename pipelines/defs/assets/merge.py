@@ -10,11 +10,10 @@ import dagster as dg
 from pipelines.defs.assets.compress import compressed_variants
 from pipelines.defs.assets.prepare import sts_pairs
 from pipelines.defs.assets.train import student
-from pipelines.defs.resources import PathsResource
+from pipelines.defs.resources import PathsResource, pipeline_params
 from pipelines.metadata import markdown_table
-from pipelines.params import params_for_run, stage_section
 
-_MERGE = stage_section("merge")
+_MERGE = pipeline_params().merge
 
 
 class MergeConfig(dg.Config):
@@ -33,9 +32,9 @@ class MergeConfig(dg.Config):
                 "is kept under data/models/merged/model/, every method's score in merge.json.",
 )
 def merged_model(context: dg.AssetExecutionContext, config: MergeConfig, paths: PathsResource) -> dg.MaterializeResult:
-    from mixsp_core.stages import run_merge
+    from mixsp_core.stages.merge import run_merge
 
-    result = run_merge(params_for_run(paths.root(), merge={"methods": config.methods, "p": config.p}))
+    result = run_merge(paths.params(merge={"methods": config.methods, "p": config.p}))
     context.log.info(result.summary())
     rows = [[Path(name).name, "input", score] for name, score in result.inputs.items()]
     rows += [[method, "merge" + (" (kept)" if method == result.best_method else ""), score]

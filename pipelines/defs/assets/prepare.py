@@ -6,17 +6,14 @@ writes its artifact (atomically) only when the check passes.
 
 # No `from __future__ import annotations` here: Dagster reads the config class from the real annotation.
 
-import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 
 import dagster as dg
 
 from pipelines.defs.checks import CORPUS_VALID, PAIRS_VALID, validation_check_result
-from pipelines.defs.resources import PathsResource
+from pipelines.defs.resources import PathsResource, pipeline_params
 from pipelines.fingerprint import files_fingerprint, spec_fingerprint
 from pipelines.metadata import file_metadata, markdown_table
-from pipelines.params import pipeline_params
 
 _DATA = pipeline_params().data
 
@@ -25,10 +22,6 @@ class PairsConfig(dg.Config):
     """Which STS data to read (params.yaml ``data.spec``)."""
 
     spec: str = _DATA.spec
-
-    def resolved_spec(self) -> str:
-        """``auto`` becomes the shared SentEval folder when present, else the Hub datasets."""
-        return dataclasses.replace(_DATA, spec=self.spec).resolved_spec()
 
 
 class CorpusConfig(dg.Config):
@@ -41,11 +34,6 @@ class CorpusConfig(dg.Config):
     max_sentences: int = _DATA.max_corpus_sentences
     seed: int = _DATA.seed
 
-    def resolved_files(self) -> list:
-        """Paths or ``CorpusFile``s (auto: the SentEval corpora with their line formats)."""
-        files = "auto" if self.corpus_files is None else self.corpus_files
-        return dataclasses.replace(_DATA, corpus_files=files).resolved_corpus_files()
-
 
 @dg.asset(
     group_name="prepare",
@@ -56,29 +44,26 @@ class CorpusConfig(dg.Config):
 )
 def sts_pairs(context: dg.AssetExecutionContext, config: PairsConfig,
               paths: PathsResource) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
-    from mixsp_core.data.sources import load_pairs
-    from mixsp_core.data.validate import validate_pairs
-    from mixsp_core.stages import write_pairs
+    from mixsp_core.stages.prepare import run_pairs
 
-    spec = config.resolved_spec()
+    params = paths.params(data={"spec": config.spec})
+    spec = params.data.resolved_spec()
     context.log.info(f"reading pairs from {spec}")
     source_hash = spec_fingerprint(spec)  # before reading: a change during the run shows up next time
-    pairs = load_pairs(spec)
-    report = validate_pairs(pairs, name=spec)
-    yield validation_check_result(PAIRS_VALID, report)
-    if not report.success:
-        context.log.error(f"pairs from {spec} failed validation; {paths.pipeline_paths().pairs} left as it was")
+    result = run_pairs(params)
+    yield validation_check_result(PAIRS_VALID, result.report)
+    if result.path is None:
+        context.log.error(f"pairs from {spec} failed validation; {params.paths.pairs} left as it was")
         return
-    out = write_pairs(pairs, paths.pipeline_paths())
-    counts = pairs.groupby(["task", "split"]).size()
+    counts = result.counts()
     yield dg.MaterializeResult(metadata={
-        "dagster/row_count": len(pairs),
+        "dagster/row_count": len(result.pairs),
         "data_spec": spec,
         "source_hash": source_hash,  # the sensor compares the source data against this
         "counts": dg.MetadataValue.md(markdown_table(["task", "split", "pairs"],
-                                                     [[t, s, int(n)] for (t, s), n in counts.items()])),
-        **{f"rows/{task}/{split}": int(n) for (task, split), n in counts.items()},
-        **file_metadata(out),
+                                                     [[t, s, n] for (t, s), n in counts.items()])),
+        **{f"rows/{task}/{split}": n for (task, split), n in counts.items()},
+        **file_metadata(result.path),
     })
 
 
@@ -93,20 +78,18 @@ def sts_pairs(context: dg.AssetExecutionContext, config: PairsConfig,
 )
 def sentence_corpus(context: dg.AssetExecutionContext, config: CorpusConfig,
                     paths: PathsResource) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
-    from mixsp_core.data.corpus import build_corpus
-    from mixsp_core.data.validate import validate_corpus
-    from mixsp_core.stages import read_pairs, write_corpus_file
+    from mixsp_core.stages.prepare import run_corpus
 
-    files = config.resolved_files()
+    params = paths.params(data={"corpus_files": "auto" if config.corpus_files is None else config.corpus_files,
+                                "max_corpus_sentences": config.max_sentences, "seed": config.seed})
+    files = params.data.resolved_corpus_files()
     source_hash = files_fingerprint(files)
-    pairs = read_pairs(paths.pipeline_paths())
-    corpus = build_corpus(pairs, files, max_sentences=config.max_sentences, seed=config.seed)
-    report = validate_corpus(corpus)
-    yield validation_check_result(CORPUS_VALID, report)
-    if not report.success:
-        context.log.error(f"corpus failed validation; {paths.pipeline_paths().corpus} left as it was")
+    result = run_corpus(params)
+    yield validation_check_result(CORPUS_VALID, result.report)
+    if result.path is None:
+        context.log.error(f"corpus failed validation; {params.paths.corpus} left as it was")
         return
-    out = write_corpus_file(corpus, paths.pipeline_paths())
+    corpus = result.corpus
     preview = markdown_table(["#", "sentence"], [[i + 1, s.replace("|", "\\|")] for i, s in enumerate(corpus[:5])])
     yield dg.MaterializeResult(metadata={
         "dagster/row_count": len(corpus),
@@ -115,5 +98,5 @@ def sentence_corpus(context: dg.AssetExecutionContext, config: CorpusConfig,
         "text_files": dg.MetadataValue.md("\n".join(f"- `{getattr(f, 'path', f)}`" for f in files) or "(none)"),
         "source_hash": source_hash,
         "preview": dg.MetadataValue.md(preview),
-        **file_metadata(out),
+        **file_metadata(result.path),
     })

@@ -7,10 +7,9 @@ on the dev primary metric, else the version is tagged ``challenger``."""
 import dagster as dg
 
 from pipelines.defs.assets.evaluate import evaluation_report
-from pipelines.defs.resources import MlflowResource, ModelGateResource, PathsResource
-from pipelines.params import params_for_run, stage_section
+from pipelines.defs.resources import MlflowResource, ModelGateResource, PathsResource, pipeline_params
 
-_PROMOTE = stage_section("promote")
+_PROMOTE = pipeline_params().promote
 
 
 class ChampionConfig(dg.Config):
@@ -29,13 +28,11 @@ class ChampionConfig(dg.Config):
 )
 def champion(context: dg.AssetExecutionContext, config: ChampionConfig, paths: PathsResource,
              mlflow: MlflowResource, model_gate: ModelGateResource) -> dg.MaterializeResult:
-    from mixsp_core.stages import run_promote
+    from mixsp_core.stages.promote import run_promote
 
-    params = params_for_run(paths.root(), promote={"registered_model": mlflow.registered_model,
-                                                   "alias": config.alias, "experiment": mlflow.experiment})
-    with mlflow.start_run(context, run_name="promote", tags={"mixsp.stage": "promote"}) as run:
-        promotion = run_promote(params, client=mlflow.client(), run_id=run.info.run_id,
-                                floor=model_gate.min_dev_spearman)
+    params = paths.params(promote={"registered_model": mlflow.registered_model, "alias": config.alias,
+                                   "experiment": mlflow.experiment})
+    promotion = run_promote(params, target=mlflow.target(context), floor=model_gate.min_dev_spearman)
     context.log.info(promotion.summary())
     return dg.MaterializeResult(metadata={
         "registered_model": promotion.registered_model,
@@ -47,5 +44,5 @@ def champion(context: dg.AssetExecutionContext, config: ChampionConfig, paths: P
         "model": promotion.model_name,
         "verdict": promotion.summary(),
         "path": dg.MetadataValue.path(str(paths.pipeline_paths().champion)),
-        "mlflow_run_id": run.info.run_id,
+        "mlflow_run_id": promotion.run_id,
     })

@@ -14,11 +14,10 @@ import time
 
 import dagster as dg
 
-from mixsp_core.teacher_shards import ShardSpec, all_shards
+from mixsp_core.teacher.shards import ShardSpec, all_shards
 from pipelines.defs.assets.prepare import sentence_corpus
-from pipelines.defs.resources import PathsResource
+from pipelines.defs.resources import PathsResource, pipeline_params
 from pipelines.metadata import file_metadata
-from pipelines.params import pipeline_params
 
 _TEACHER = pipeline_params().teacher
 SHARDS = _TEACHER.shards
@@ -56,14 +55,12 @@ def _shard_asset(spec: ShardSpec) -> dg.AssetsDefinition:
                     f"encoded into data/teacher_shards/{spec.name}/; merged by teacher_embeddings.",
     )
     def shard(context: dg.AssetExecutionContext, config: ShardConfig, paths: PathsResource) -> dg.MaterializeResult:
-        from mixsp_core.stages import encode_teacher_shard, read_corpus_file
+        from mixsp_core.stages.teacher import run_teacher_shard
 
-        layout = paths.pipeline_paths()
+        params = paths.params(teacher={"model": config.model, "batch_size": config.batch_size})
         threads = config.threads or max(1, _cpus() // spec.count)
         started = time.perf_counter()
-        done = encode_teacher_shard(read_corpus_file(layout), layout, config.model, spec,
-                                    batch_size=config.batch_size, device=paths.torch_device(), threads=threads,
-                                    show_progress=False)
+        done = run_teacher_shard(params, spec, threads=threads, show_progress=False)
         seconds = time.perf_counter() - started
         context.log.info(f"shard {spec}: {done.sentences} sentences, {done.encoded} encoded now "
                          f"({threads} threads, {seconds:.1f} s, pid {os.getpid()})")
@@ -94,19 +91,17 @@ teacher_shards = [_shard_asset(spec) for spec in all_shards(SHARDS)]
 )
 def teacher_embeddings(context: dg.AssetExecutionContext, config: TeacherConfig,
                        paths: PathsResource) -> dg.MaterializeResult:
-    from mixsp_core.stages import read_corpus_file, sharded_teacher
+    from mixsp_core.stages.teacher import run_teacher
 
-    layout = paths.pipeline_paths()
-    corpus = read_corpus_file(layout)
+    params = paths.params(teacher={"model": config.model, "batch_size": config.batch_size})
     started = time.perf_counter()
-    result = sharded_teacher(corpus, layout, config.model, SHARDS, batch_size=config.batch_size,
-                             device=paths.torch_device())
+    result = run_teacher(params)
     seconds = time.perf_counter() - started
     context.log.info(f"{result.summary()} ({seconds:.1f} s)")
     files = {}
     for name in ("embeddings.npy", "index.parquet"):
-        if (layout.teacher / name).is_file():
-            meta = file_metadata(layout.teacher / name)
+        if (result.cache_dir / name).is_file():
+            meta = file_metadata(result.cache_dir / name)
             files.update({f"{name}/{key}": value for key, value in meta.items()})
     return dg.MaterializeResult(metadata={
         "model": config.model,
@@ -117,6 +112,6 @@ def teacher_embeddings(context: dg.AssetExecutionContext, config: TeacherConfig,
         "encoded_in_this_step": result.encoded_here,
         "shards": result.shards,
         "seconds": round(seconds, 2),
-        "path": dg.MetadataValue.path(str(layout.teacher)),
+        "path": dg.MetadataValue.path(str(result.cache_dir)),
         **files,
     })

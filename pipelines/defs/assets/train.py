@@ -13,20 +13,16 @@ from pipelines.defs.assets.prepare import sentence_corpus, sts_pairs
 from pipelines.defs.assets.teacher import teacher_embeddings
 from pipelines.defs.resources import MlflowResource, PathsResource
 from pipelines.metadata import markdown_table, png_file_markdown
-from pipelines.params import params_for_run, stage_section
-
-_TRAIN = stage_section("train")
 
 
-class StudentConfig(dg.Config):
-    """``config``: a training config file (configs/*.yaml); ``overrides``: ``KEY=VALUE`` strings on top
-    of it (``train.max_steps=50``). Defaults: params.yaml ``train``."""
+class StudentOverrides(dg.Config):
+    """``KEY=VALUE`` strings over params.yaml's ``student`` training config for this run only, e.g.
+    ``train.max_steps=50`` or ``loss.distill_sim=10``."""
 
-    config: str = _TRAIN.config
-    overrides: list[str] = list(_TRAIN.overrides)
+    overrides: list[str] = []
 
 
-def student_metadata(result, out) -> dict:
+def student_metadata(result, run) -> dict:
     """Dev table, numeric dev metrics, plots and paths of a finished TrainResult."""
     metrics = result.best_metrics
     rows = [[name, float(value)] for name, value in metrics.items()]
@@ -37,11 +33,11 @@ def student_metadata(result, out) -> dict:
         "best_step": int(result.best_step),
         "steps": int(result.steps),
         "train_seconds": round(float(result.train_seconds), 1),
-        "snapshots": len(list((out / "snapshots").glob("step-*"))) if (out / "snapshots").is_dir() else 0,
-        "path": dg.MetadataValue.path(str(out)),
+        "snapshots": len(run.snapshot_dirs()),
+        "path": dg.MetadataValue.path(str(run.root)),
         "mlflow_run_id": str(result.run_id or ""),
     }
-    for plot in sorted((out / "plots").glob("*.png")):
+    for plot in sorted(run.plots.glob("*.png")):
         meta[f"plot/{plot.stem}"] = png_file_markdown(plot)
     return meta
 
@@ -50,17 +46,15 @@ def student_metadata(result, out) -> dict:
     group_name="train",
     kinds={"pytorch", "mlflow"},
     deps=[sts_pairs, sentence_corpus, teacher_embeddings],
-    description="The student: one training run of params.yaml train.config into data/models/student/ "
+    description="The student: one training run of params.yaml's student config into data/models/student/ "
                 "(best/, last/, snapshots/step-N/ for merging, metrics.json, plots/).",
 )
-def student(context: dg.AssetExecutionContext, config: StudentConfig, paths: PathsResource,
+def student(context: dg.AssetExecutionContext, config: StudentOverrides, paths: PathsResource,
             mlflow: MlflowResource) -> dg.MaterializeResult:
-    from mixsp_core.stages import run_student, student_config
+    from mixsp_core.stages.train import run_train
 
-    params = params_for_run(paths.root(), train={"config": config.config, "overrides": config.overrides})
-    run_config = student_config(params)
-    tracker = mlflow.tracker(context, run_name=f"train {run_config.name}",
-                             tags={"mixsp.stage": "train", "mixsp.config": config.config})
-    result = run_student(params, tracker=tracker)
+    params = paths.params()
+    result = run_train(params, overrides=config.overrides, target=mlflow.target(context))
     context.log.info(result.summary())
-    return dg.MaterializeResult(metadata=student_metadata(result, paths.pipeline_paths().student))
+    context.log.info(f"MLflow run {result.run_id} ({mlflow.tracking_uri})")
+    return dg.MaterializeResult(metadata=student_metadata(result, params.paths.student))

@@ -10,13 +10,13 @@ never sees half a model and a failed promotion leaves the previous champion as i
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mixsp_core.fsutil import writing_dir
+from mixsp_core.io import write_json_atomic, writing_dir
+from mixsp_core.paths import OPTIMIZER_FILE, TRAINER_STATE_FILE
 
 METRIC_TAG = "dev_primary"
 ROLE_TAG = "role"
@@ -89,8 +89,8 @@ def copy_champion(model_dir: Path, target: Path, record: dict[str, Any]) -> Path
     """Copy checkpoint ``model_dir`` to ``target`` atomically, with ``champion.json`` (``record``) inside."""
     with writing_dir(target) as work:
         shutil.copytree(model_dir, work, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("trainer_state.json", "optimizer.safetensors"))
-        (work / CHAMPION_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+                        ignore=shutil.ignore_patterns(TRAINER_STATE_FILE, OPTIMIZER_FILE))
+        write_json_atomic(work / CHAMPION_FILE, record, default=str)
     return target
 
 

@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mixsp_core.stages import atomic_write
+from mixsp_core.io import atomic_write, write_text_atomic
+from mixsp_core.paths import RunDir
 
 CARD_FILE = "README.md"
 DIMS_PLOT = "dims.png"
@@ -28,14 +29,15 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
-def training_record(meta: dict[str, Any], training_run: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def training_record(meta: dict[str, Any], training_run: Path | RunDir | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(training config, trainer state)`` behind the champion: its own ``config.json`` (``meta``) when it
     carries the training config (a ``best`` checkpoint), else the pipeline's training run (merged or
     compressed champions descend from it)."""
+    run = RunDir(Path(training_run)) if training_run is not None else None
     config = meta.get("training", {}).get("config") or {}
-    if not config and training_run is not None:
-        config = _read_json(training_run / "best" / "config.json").get("training", {}).get("config") or {}
-    state = _read_json(training_run / "last" / "trainer_state.json") if training_run is not None else {}
+    if not config and run is not None:
+        config = _read_json(run.best / "config.json").get("training", {}).get("config") or {}
+    state = _read_json(run.trainer_state) if run is not None else {}
     return config, state
 
 
@@ -47,7 +49,7 @@ def _losses(loss: dict[str, Any]) -> str:
 
 
 def build_card(champion: Path, evaluation: dict[str, Any], promotion: dict[str, Any],
-               training_run: Path | None = None, dims_plot: str | None = None) -> str:
+               training_run: Path | RunDir | None = None, dims_plot: str | None = None) -> str:
     """The card's markdown. ``evaluation``: the evaluate stage's report; ``promotion``: the
     ``registry.Promotion`` as a dict; ``training_run``: the training run directory (``models/student``)."""
     name = promotion.get("model_name") or evaluation.get("best", "")
@@ -136,13 +138,12 @@ def build_card(champion: Path, evaluation: dict[str, Any], promotion: dict[str, 
 
 
 def write_card(champion: Path, evaluation: dict[str, Any], promotion: dict[str, Any],
-               training_run: Path | None = None) -> Path:
+               training_run: Path | RunDir | None = None) -> Path:
     """Write ``README.md`` (and ``dims.png``, the grid plot) into ``champion``; returns the card's path."""
     plot = Path(evaluation.get("grid", {}).get("plot", ""))
     dims_plot = None
     if plot.is_file():
-        shutil.copyfile(plot, champion / DIMS_PLOT)
+        atomic_write(champion / DIMS_PLOT, lambda tmp: shutil.copyfile(plot, tmp))
         dims_plot = DIMS_PLOT
     text = build_card(champion, evaluation, promotion, training_run, dims_plot)
-    atomic_write(champion / CARD_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return champion / CARD_FILE
+    return write_text_atomic(champion / CARD_FILE, text)

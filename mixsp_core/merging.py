@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
-from mixsp_core.fsutil import replace_dir
 from mixsp_core.errors import CheckpointError, ConfigError
+from mixsp_core.io import write_json_atomic, writing_dir
+from mixsp_core.paths import OPTIMIZER_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE
 
 StateDict = dict[str, torch.Tensor]
-WEIGHTS_FILE = "model.safetensors"
 MERGE_FILE = "merge.json"
 METHODS = ("uniform", "greedy", "fusion")
 # Files of a source checkpoint that do not describe the merged model.
-_NOT_COPIED = {WEIGHTS_FILE, "trainer_state.json", "optimizer.safetensors", MERGE_FILE, "transform"}
+_NOT_COPIED = {WEIGHTS_FILE, TRAINER_STATE_FILE, OPTIMIZER_FILE, MERGE_FILE, "transform"}
 # The project's BiStudent / CrossScorer keep the HF encoder under this prefix.
 _ENCODER_PREFIX = "encoder."
 
@@ -223,9 +223,7 @@ def write_merged(template: str | os.PathLike[str], state: StateDict, output_dir:
     if not template.is_dir():
         raise CheckpointError(f"{template}: a merged model needs a checkpoint directory as template")
     target = Path(os.fspath(output_dir))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
+    with writing_dir(target) as work:
         for item in template.iterdir():
             if item.name in _NOT_COPIED:
                 continue
@@ -236,7 +234,7 @@ def write_merged(template: str | os.PathLike[str], state: StateDict, output_dir:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
         if record is not None:
-            (work / MERGE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+            write_json_atomic(work / MERGE_FILE, record, default=str)
             cfg = work / "config.json"
             if cfg.is_file():
                 meta = json.loads(cfg.read_text(encoding="utf-8"))
@@ -244,10 +242,7 @@ def write_merged(template: str | os.PathLike[str], state: StateDict, output_dir:
                     # Training metrics of the template do not describe the merge.
                     meta["training"] = {}
                     meta["merge"] = record
-                    cfg.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-        replace_dir(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                    write_json_atomic(cfg, meta, default=str)
     return target
 
 

@@ -63,9 +63,9 @@ def graph_definitions() -> list:
 
 
 def tiny_student_overrides(encoder: Path, max_steps: int = 4) -> list[str]:
-    """``KEY=VALUE`` overrides that turn configs/default.yaml into a seconds-long run of a tiny random
+    """``KEY=VALUE`` overrides that turn params.yaml's student into a seconds-long run of a tiny random
     BERT (16-d output, a few steps, evaluated and snapshotted every 2 steps when the trainer snapshots)."""
-    from mixsp_core.config import TrainConfig
+    from mixsp_core.training.config import TrainConfig
 
     overrides = [f"model.encoder={encoder}", "model.output_dim=16", "model.projector_mult=2", "model.max_length=32",
                  f"train.max_steps={max_steps}", "train.eval_every=2", "train.batch_size=8",
@@ -76,13 +76,24 @@ def tiny_student_overrides(encoder: Path, max_steps: int = 4) -> list[str]:
     return overrides
 
 
+def tiny_student(encoder: Path) -> dict:
+    """The repository's params.yaml ``student`` section with :func:`tiny_student_overrides` applied."""
+    import yaml
+
+    from mixsp_core.params import PARAMS_FILE
+    from mixsp_core.training.config import apply_overrides
+
+    student = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))["student"]
+    return apply_overrides(student, tiny_student_overrides(encoder))
+
+
 def tiny_sections(source: Path, teacher: Path, encoder: Path) -> dict:
-    """params.yaml sections (data, teacher, train, compress, merge, evaluate) for the tiny data and models."""
+    """params.yaml sections (data, teacher, student, compress, merge, evaluate) for the tiny data and models."""
     return {
         "data": {"spec": f"senteval:{source}", "corpus_files": [str(source / CORPUS_FILE)],
                  "max_corpus_sentences": 200},
         "teacher": {"model": str(teacher), "batch_size": 16, "device": "cpu"},
-        "train": {"config": "configs/default.yaml", "overrides": tiny_student_overrides(encoder)},
+        "student": tiny_student(encoder),
         "compress": {"variants": ["pca:8", "int8"], "fit_sentences": 100},
         "merge": {"methods": ["uniform", "greedy", "fusion"], "p": 1.0},
         "evaluate": {"grid_layers": [], "grid_dims": [4, 8], "grid_vector_types": ["float32", "int8"],
@@ -105,7 +116,7 @@ def tiny_run_config(source: Path, teacher: Path, encoder: Path, selection: list[
         "sentence_corpus": {"corpus_files": s["data"]["corpus_files"], "max_sentences": 200},
         "teacher_embeddings": {"model": s["teacher"]["model"], "batch_size": 16},
         **{name: {"model": s["teacher"]["model"], "batch_size": 16} for name in teacher_shard_names()},
-        "student": s["train"],
+        "student": {"overrides": tiny_student_overrides(encoder)},
         "compressed_variants": s["compress"],
         "merged_model": s["merge"],
         "evaluation_report": {k: v for k, v in s["evaluate"].items() if k != "min_dev_spearman"},

@@ -401,17 +401,23 @@ def _split_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document of ``path``; a missing file or bad YAML raises ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), f"{what} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), f"not valid YAML: {err}") from err
+
+
 def load_config(path: str | Path, section: str | None = None,
                 overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
     """Read a training config from a YAML file; ``section`` picks one top-level key (e.g. ``train``
     of params.yaml). Errors name the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), "config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(str(path), f"not valid YAML: {err}") from err
+    raw = read_yaml(path)
     if section is not None:
         if not isinstance(raw, dict) or section not in raw:
             raise ConfigError(section, f"section missing from {path}")
@@ -438,7 +444,6 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def dump_config(config: RunConfig, path: str | Path) -> Path:
     """Write the full config (defaults included) as YAML; ``load_config`` reads it back unchanged."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    return path
+    from mixsp_core.io import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

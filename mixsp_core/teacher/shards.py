@@ -6,10 +6,10 @@ sentence keeps its shard when other sentences are added, and the N shards are di
 every missing sentence.
 
 A shard directory ``shard-K-of-N/`` holds ``embeddings.npy`` (float32, one row per sentence), ``keys.txt``
-(the :func:`~mixsp_core.teacher_cache.sentence_key` of each row's sentence, one per line) and
+(the :func:`~mixsp_core.teacher.cache.sentence_key` of each row's sentence, one per line) and
 ``manifest.json`` (format, model, encoder settings, dim, shard, shards, count, and ``sentences_sha256``:
 the sha256 of keys.txt, which pins the sentence list). It is written into a work directory and swapped in
-whole (:func:`mixsp_core.fsutil.writing_dir`): a shard directory is complete or absent.
+whole (:func:`mixsp_core.io.writing_dir`): a shard directory is complete or absent.
 
 The merge checks every shard before touching the cache and commits all rows in one atomic append
 (:meth:`TeacherCache.add`): a missing, corrupt or mismatched shard raises :class:`DataError` naming it and
@@ -18,7 +18,6 @@ leaves the cache as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -29,9 +28,8 @@ from typing import Any
 import numpy as np
 
 from mixsp_core.errors import ConfigError, DataError
-from mixsp_core.fsutil import writing_dir
-from mixsp_core.teacher_cache import (SentenceEncoder, TeacherCache, encoder_settings, sentence_key,
-                                      settings_clash)
+from mixsp_core.io import sha256_text, write_json_atomic, write_text_atomic, writing_dir
+from mixsp_core.teacher.cache import SentenceEncoder, TeacherCache, encoder_settings, sentence_key, settings_clash
 
 FORMAT = "mixsp-teacher-shard/1"
 MANIFEST = "manifest.json"
@@ -96,8 +94,14 @@ class Shard:
     embeddings: np.ndarray
 
 
+def _keys_text(keys: Sequence[str]) -> str:
+    """The text of ``keys.txt``: one key per line."""
+    return "".join(f"{k}\n" for k in keys)
+
+
 def _digest(keys: Sequence[str]) -> str:
-    return hashlib.sha256("".join(f"{k}\n" for k in keys).encode("ascii")).hexdigest()
+    """sha256 of ``keys.txt`` (keys are hex, so its ASCII and UTF-8 bytes are the same)."""
+    return sha256_text(_keys_text(keys))
 
 
 def write_shard(target: Path, spec: ShardSpec, model: str, keys: list[str], vectors: np.ndarray,
@@ -106,11 +110,11 @@ def write_shard(target: Path, spec: ShardSpec, model: str, keys: list[str], vect
     vectors = np.asarray(vectors, dtype=np.float32)
     with writing_dir(target) as work:
         np.save(work / EMBEDDINGS, vectors, allow_pickle=False)
-        (work / KEYS).write_text("".join(f"{k}\n" for k in keys), encoding="ascii")
+        write_text_atomic(work / KEYS, _keys_text(keys), encoding="ascii")
         manifest = {"format": FORMAT, "model": model, "encoder": settings,
                     "dim": int(vectors.shape[1]) if keys else None, "shard": spec.number, "shards": spec.count,
                     "count": len(keys), "sentences_sha256": _digest(keys)}
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(work / MANIFEST, manifest)
     return target
 
 

@@ -2,7 +2,7 @@
 
 The released all-mpnet-base-v2 scores below the student on dev, so distilling it pulls the student down.
 Fine-tuning it first with the student's own STS loss (CoSENT on STS-B train + SICK train) is one ordinary
-training run of :func:`mixsp_core.train.run_training`: a ``bi`` model with no projector and no output layer
+training run of :func:`mixsp_core.training.loop.run_training`: a ``bi`` model with no projector and no output layer
 (``num_projectors: 0``, ``output_dim: 0``) *is* the encoder with mean pooling, so the run trains, evaluates
 on dev and keeps its best checkpoint like any student (``configs/teacher_finetune.yaml``). The best
 checkpoint's encoder is then written as a plain Hugging Face / sentence-transformers folder (safetensors),
@@ -18,22 +18,21 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mixsp_core.config import RunConfig
 from mixsp_core.errors import CheckpointError, ConfigError
-from mixsp_core.fsutil import writing_dir
-from mixsp_core.teacher_cache import FINETUNED_TEACHER_FILE
-from mixsp_core.tracking import Tracker
-from mixsp_core.train import TrainResult, run_training
+from mixsp_core.io import sha256_file, write_json_atomic, writing_dir
+from mixsp_core.paths import WEIGHTS_FILE
+from mixsp_core.teacher.cache import FINETUNED_TEACHER_FILE
+from mixsp_core.tracking.tracker import Tracker
+from mixsp_core.training.config import RunConfig
+from mixsp_core.training.loop import TrainResult, run_training
 
 RUN_DIR, TEACHER_DIR = "run", "teacher"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -78,7 +77,7 @@ def finetune_teacher(config: RunConfig, pairs: pd.DataFrame, out_dir: str | Path
     check_teacher_config(config)
     out = Path(out_dir)
     result = run_training(config, pairs, None, None, out / RUN_DIR, tracker, show_progress=show_progress)
-    from mixsp_core.distributed import is_main_process
+    from mixsp_core.training.distributed import is_main_process
 
     if not is_main_process():  # rank 0 alone evaluated, so only it knows the best checkpoint is final
         return TeacherFinetuneResult(None, None, result)
@@ -99,7 +98,6 @@ def export_teacher(checkpoint_dir: str | Path, target: str | Path, provenance: d
     The folder is built beside ``target`` and swapped in at the end, so a failure keeps the old one.
     """
     from mixsp_core.models.checkpoint import load_checkpoint
-    from mixsp_core.models.resolve import sha256_file
 
     model = load_checkpoint(checkpoint_dir, device="cpu")
     mc = model.model_config
@@ -115,7 +113,7 @@ def export_teacher(checkpoint_dir: str | Path, target: str | Path, provenance: d
         digest = sha256_file(work / WEIGHTS_FILE)
         record = {**(provenance or {}), "pooling": mc.pooling, "normalize": mc.normalize,
                   "weights_sha256": digest}
-        (work / FINETUNED_TEACHER_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json_atomic(work / FINETUNED_TEACHER_FILE, record, default=str)
     return digest
 
 
@@ -127,12 +125,12 @@ def _write_sentence_transformers_files(folder: Path, pooling: str, normalize: bo
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(folder / "modules.json", modules)
     (folder / "1_Pooling").mkdir()
     pool_cfg = {"word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "cls",
                 "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
                 "pooling_mode_mean_sqrt_len_tokens": False}
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(folder / "1_Pooling" / "config.json", pool_cfg)
     # 256: what mixsp's Encoder feeds by default (capped by the tokenizer's own limit)
     st_cfg = {"max_seq_length": min(256, tokenizer_max), "do_lower_case": False}
-    (folder / "sentence_bert_config.json").write_text(json.dumps(st_cfg, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(folder / "sentence_bert_config.json", st_cfg)

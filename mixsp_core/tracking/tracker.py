@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from mixsp_core.paths import REPO_ROOT
+
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 
 
@@ -57,8 +58,58 @@ class NullTracker:
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The MLflow store: ``$MLFLOW_TRACKING_URI`` (the Makefile sets it), else SQLite ``mlflow.db`` in the
+    repository root. The one place the URI is resolved."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to ``mlartifacts/`` beside the database file (not the cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created when missing: its artifacts at ``artifact_location``, by
+    default beside the client's SQLite store."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = artifact_location or default_artifact_location(client.tracking_uri)
+    return client.create_experiment(name, artifact_location=location)
+
+
+class RunTarget:
+    """Where a stage records its MLflow runs and with which tags: the CLI and DVC use the defaults (the
+    store of :func:`tracking_uri`, the git commit); the Dagster resource adds the Dagster run's tags, so
+    both paths record the same runs."""
+
+    def __init__(self, uri: str | None = None, tags: dict[str, str] | None = None):
+        self.uri = uri or tracking_uri()
+        commit = git_commit()
+        self.tags = {"git.commit": commit, "mlflow.source.git.commit": commit, **(tags or {})}
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def tracker(self, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> "MLflowTracker":
+        """A new MLflow run ``run_name`` in ``experiment`` with this target's tags and ``tags``."""
+        return MLflowTracker(experiment=experiment, run_name=run_name, uri=self.uri, tags={**self.tags, **(tags or {})})
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """The checked-out commit (read-only ``git rev-parse``); ``unknown`` outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 class MLflowTracker:
@@ -70,14 +121,13 @@ class MLflowTracker:
         from mlflow import MlflowClient
 
         self.uri = uri or tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         if run_id is not None:
             self.run_id = self.client.get_run(run_id).info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-            run = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+            run = self.client.create_run(ensure_experiment(self.client, experiment), run_name=run_name,
+                                         tags=tags or {})
             self.run_id = run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -118,12 +168,13 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= _PARAM_MAX else text[: _PARAM_MAX - 3] + "..."
 
 
-def tracker_for_run(config, out_dir: str | Path) -> Tracker:
+def tracker_for_run(config, out_dir: str | Path, tags: dict[str, str] | None = None,
+                    uri: str | None = None) -> Tracker:
     """The tracker a training run should use: a :class:`NullTracker` when ``tracking.enabled`` is
     false or on a torchrun rank other than 0; the MLflow run recorded in
     ``out_dir/last/trainer_state.json`` when the run will resume from there; otherwise a new MLflow run
     named after the config."""
-    from mixsp_core.distributed import is_main_process
+    from mixsp_core.training.distributed import is_main_process
 
     if not config.tracking.enabled or not is_main_process():  # under torchrun only rank 0 records
         return NullTracker()
@@ -136,5 +187,6 @@ def tracker_for_run(config, out_dir: str | Path) -> Tracker:
         except (OSError, ValueError):
             run_id = None  # run_training reports the broken file itself
         if run_id:
-            return MLflowTracker(run_id=run_id)
-    return MLflowTracker(experiment=config.tracking.experiment, run_name=config.tracking.run_name or config.name)
+            return MLflowTracker(run_id=run_id, uri=uri)
+    return MLflowTracker(experiment=config.tracking.experiment, run_name=config.tracking.run_name or config.name,
+                         uri=uri, tags=tags)

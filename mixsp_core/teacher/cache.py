@@ -4,19 +4,17 @@ Layout: ``embeddings.npy`` (float32, one row per sentence), ``index.parquet`` (`
 and ``meta.json`` (``model``, ``dim``, ``count``, encoder settings).
 
 Writes are crash-safe: rows are only ever appended, each file is replaced atomically (temporary
-file + ``os.replace``), and ``meta.json`` is written last. Its ``count`` says how many leading rows
-of the other two files are committed, so a run killed between two replacements leaves the previous
-state readable (the extra trailing rows are ignored and overwritten by the next write).
+file + rename, :func:`mixsp_core.io.replacing_file`), and ``meta.json`` is written last. Its ``count``
+says how many leading rows of the other two files are committed, so a run killed between two
+replacements leaves the previous state readable (the extra trailing rows are ignored and overwritten by
+the next write).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,11 +23,14 @@ import numpy as np
 import pandas as pd
 
 from mixsp_core.errors import DataError
+from mixsp_core.io import exclusive_lock, replacing_file, sha256_file, sha256_text, write_json_atomic
+from mixsp_core.paths import WEIGHTS_FILE
 
 EMBEDDINGS = "embeddings.npy"
 INDEX = "index.parquet"
 META = "meta.json"
-FINETUNED_TEACHER_FILE = "mixsp_teacher.json"  # marks a teacher folder written by teacher_finetune.export_teacher
+LOCK = ".lock"  # serialises writers of one cache across processes (POSIX advisory lock)
+FINETUNED_TEACHER_FILE = "mixsp_teacher.json"  # marks a teacher folder written by teacher.finetune.export_teacher
 _COPY_ROWS = 8192  # rows copied per step when rewriting embeddings.npy (bounded memory)
 
 
@@ -51,7 +52,7 @@ class CacheStats:
 
 def sentence_key(sentence: str) -> str:
     """The cache key: hex sha256 of the sentence's UTF-8 text (exact text, no normalisation)."""
-    return hashlib.sha256(sentence.encode("utf-8")).hexdigest()
+    return sha256_text(sentence)
 
 
 # Caches written before precision / quantize were recorded were encoded in fp32 without quantisation.
@@ -61,7 +62,7 @@ BATCHING_ONLY = ("token_budget",)
 
 
 def is_finetuned_teacher(name_or_path: str | os.PathLike[str]) -> bool:
-    """True for a folder written by :func:`mixsp_core.teacher_finetune.export_teacher` (it holds
+    """True for a folder written by :func:`mixsp_core.teacher.finetune.export_teacher` (it holds
     ``mixsp_teacher.json``)."""
     return (Path(os.fspath(name_or_path)) / FINETUNED_TEACHER_FILE).is_file()
 
@@ -76,17 +77,15 @@ def teacher_identity(name_or_path: str | os.PathLike[str]) -> str:
     name = os.fspath(name_or_path)
     if not is_finetuned_teacher(name):
         return name
-    from mixsp_core.models.resolve import sha256_file
-
     folder = Path(name)
     record = folder / FINETUNED_TEACHER_FILE
     try:
         base = json.loads(record.read_text(encoding="utf-8"))["base_encoder"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(record, f"unreadable fine-tuned teacher record (needs 'base_encoder'): {err}") from err
-    weights = folder / "model.safetensors"
+    weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        raise DataError(weights, "missing: a fine-tuned teacher folder must hold its weights as model.safetensors")
+        raise DataError(weights, f"missing: a fine-tuned teacher folder must hold its weights as {WEIGHTS_FILE}")
     return f"{base}+finetuned@sha256:{sha256_file(weights)}"
 
 
@@ -239,7 +238,7 @@ class TeacherCache:
         sentences = _check_sentences(sentences)
         if not sentences:
             return np.zeros((0, int(encoder.dim) if encoder else self.dim or 0), dtype=np.float32), CacheStats(0, 0)
-        with _lock(self.directory):
+        with exclusive_lock(self.directory / LOCK):
             self._load()  # another process may have grown the cache meanwhile
             new = self._unseen(sentences)
             distinct = len({sentence_key(s) for s in sentences})
@@ -260,7 +259,7 @@ class TeacherCache:
         return self.lookup(sentences), stats
 
     def add(self, keys: Sequence[str], vectors: np.ndarray, settings: dict[str, Any]) -> int:
-        """Append rows encoded elsewhere (e.g. a shard, see :mod:`mixsp_core.teacher_shards`); returns how many
+        """Append rows encoded elsewhere (e.g. a shard, see :mod:`mixsp_core.teacher.shards`); returns how many
         were new.
 
         ``keys`` are :func:`sentence_key` values aligned with the rows of ``vectors`` (n, dim); ``settings``
@@ -271,7 +270,7 @@ class TeacherCache:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(keys):
             raise ValueError(f"{len(keys)} keys but vectors of shape {vectors.shape}")
-        with _lock(self.directory):
+        with exclusive_lock(self.directory / LOCK):
             self._load()
             if not keys:
                 return 0
@@ -301,9 +300,9 @@ class TeacherCache:
         meta = {"model": self.model_name, "dim": dim, "count": old, "encoder": settings}
         if self.meta is None:
             # Claim the folder for this model before any data lands, so a crash leaves a valid empty cache.
-            _write_json(self.path_meta, meta)
+            write_json_atomic(self.path_meta, meta)
         total = old + len(keys)
-        with _replacing(self.path_embeddings) as tmp:
+        with replacing_file(self.path_embeddings) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
             if old:
                 src = self._embeddings()
@@ -314,10 +313,10 @@ class TeacherCache:
             del out
         all_keys = list(self._rows) + keys  # dicts keep insertion order = row order
         index = pd.DataFrame({"sha256": all_keys, "row": np.arange(total, dtype=np.int64)})
-        with _replacing(self.path_index) as tmp:
+        with replacing_file(self.path_index) as tmp:
             index.to_parquet(tmp, index=False)
         meta["count"] = total
-        _write_json(self.path_meta, meta)  # the commit point
+        write_json_atomic(self.path_meta, meta)  # the commit point
         self.meta = meta
         self._rows.update((k, old + i) for i, k in enumerate(keys))
 
@@ -330,39 +329,3 @@ def _check_sentences(sentences: Sequence[str]) -> list[str]:
         if not isinstance(s, str):
             raise TypeError(f"sentence {i} is {type(s).__name__}, not str")
     return out
-
-
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it atomically replaces ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with _replacing(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _lock(directory: Path) -> Iterator[None]:
-    """Serialise writers of one cache across processes (POSIX advisory lock)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(directory / ".lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,101 @@
+"""Train stage: the pipeline's student (params.yaml ``student``, into ``models/student/``), a training config
+file of configs/ (`mixsp train --config configs/X.yaml`) and the teacher's fine-tuning
+(`mixsp finetune-teacher`): every training run goes through :func:`mixsp_core.training.loop.run_training`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mixsp_core.data.corpus import read_corpus
+from mixsp_core.params import Params
+from mixsp_core.paths import PipelinePaths
+from mixsp_core.stages.prepare import read_corpus_file, read_pairs
+from mixsp_core.stages.teacher import encode_with_teacher
+from mixsp_core.tracking.tracker import RunTarget, Tracker, tracker_for_run
+from mixsp_core.training.config import RunConfig, apply_overrides, config_from_dict, load_config
+from mixsp_core.training.loop import TrainResult, run_training
+from mixsp_core.training.resume import can_resume
+
+
+def training_inputs(config: RunConfig, paths: PipelinePaths) -> tuple[pd.DataFrame, list[str] | None, np.ndarray | None]:
+    """Pairs, corpus and teacher embeddings for one training run.
+
+    ``data.spec: auto`` reads the data stage's validated pairs table; any other spec is loaded and validated
+    here. The corpus and the teacher rows are read only when the config distils (or initialises its output
+    layer from the teacher); teacher rows come from the cache, only sentences missing from it are encoded.
+    """
+    from mixsp_core.stages.prepare import check_pairs
+
+    if config.data.spec == "auto":
+        pairs = read_pairs(paths)
+    else:
+        pairs, report = check_pairs(config.data.spec)
+        report.raise_for_failures()
+    if not config.loss.uses_teacher and config.model.output_init != "teacher":
+        return pairs, None, None
+    corpus = read_corpus_file(paths) if config.data.corpus == "auto" else read_corpus(Path(config.data.corpus))
+    teacher, _ = encode_with_teacher(corpus, paths, config.data.teacher)
+    return pairs, corpus, teacher
+
+
+def student_config(params: Params, overrides: list[str] | None = None) -> RunConfig:
+    """params.yaml's ``student`` with ``KEY=VALUE`` overrides (the Dagster launchpad's), re-validated."""
+    if not overrides:
+        return params.student
+    config = config_from_dict(apply_overrides(params.student.to_dict(), overrides))
+    config.output_dir, config.data.teacher = params.student.output_dir, params.student.data.teacher
+    return config
+
+
+def run_train(params: Params, overrides: list[str] | None = None, target: RunTarget | None = None,
+              show_progress: bool = True) -> TrainResult:
+    """The pipeline's student: one run into ``models/student/``. An interrupted run of the same config
+    resumes (and continues its MLflow run); anything else starts fresh, without the old run's snapshots."""
+    config = student_config(params, overrides)
+    run = params.paths.student
+    config.train.resume = can_resume(config, run)
+    if not config.train.resume:
+        # Snapshots (and the start) of an older run must not be merged with this run's.
+        shutil.rmtree(run.snapshots, ignore_errors=True)
+        shutil.rmtree(run.start, ignore_errors=True)
+    tracker = _tracker(config, run.root, target, {"mixsp.stage": "train", "mixsp.config": "params.yaml:student",
+                                                  "mixsp.data_spec": params.data.resolved_spec()})
+    pairs, corpus, teacher = training_inputs(config, params.paths)
+    return run_training(config, pairs, corpus, teacher, run.root, tracker, show_progress=show_progress)
+
+
+def run_train_config(config_path: Path, params: Params, output: Path | None = None,
+                     target: RunTarget | None = None) -> TrainResult:
+    """`mixsp train --config configs/X.yaml`: one run of a training config file (into ``output`` or the
+    config's ``output_dir``), on the data stage's outputs under ``params``' data root."""
+    config = load_config(config_path)
+    out = Path(output) if output else config.resolved_output_dir()
+    tracker = _tracker(config, out, target, {"mixsp.stage": "train", "mixsp.config": str(config_path)})
+    pairs, corpus, teacher = training_inputs(config, params.paths)
+    return run_training(config, pairs, corpus, teacher, out, tracker)
+
+
+def run_finetune_teacher(config_path: Path, output: Path, params: Params, target: RunTarget | None = None,
+                         show_progress: bool = True):
+    """`mixsp finetune-teacher --config FILE --out DIR`: fine-tune the teacher of FILE (e.g.
+    configs/teacher_finetune.yaml) on the pipeline's training pairs, into DIR/run/ and DIR/teacher/."""
+    from mixsp_core.teacher.finetune import RUN_DIR, check_teacher_config, finetune_teacher
+
+    config = load_config(config_path)
+    check_teacher_config(config)  # before the pairs are read and an MLflow run is opened
+    pairs, _, _ = training_inputs(config, params.paths)
+    tracker = _tracker(config, Path(output) / RUN_DIR, target, {"mixsp.stage": "finetune-teacher"})
+    return finetune_teacher(config, pairs, output, tracker, show_progress=show_progress)
+
+
+def _tracker(config: RunConfig, out: Path, target: RunTarget | None, tags: dict[str, str]) -> Tracker:
+    """The run's MLflow tracker (a resumed run continues its own MLflow run)."""
+    if not config.tracking.enabled:
+        return tracker_for_run(config, out)  # a NullTracker: no MLflow import on machines without it
+    target = target or RunTarget()
+    return tracker_for_run(config, out, tags={**target.tags, **tags}, uri=target.uri)

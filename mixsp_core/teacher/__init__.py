@@ -1,0 +1,1 @@
+"""The teacher: its sentence-hash embedding cache, sharded encoding and fine-tuning."""

@@ -1,0 +1,1 @@
+"""The training loop and its parts: config, batches, objective, dev report, distributed helpers."""

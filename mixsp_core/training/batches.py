@@ -1,0 +1,199 @@
+"""What the training loop draws its batches from: the training pairs and dev sets, the distillation
+sentences and their teacher targets, the NLI triplets, and the seeded row streams over them.
+
+Every stream is a pure function of (seed, step), so a resumed run draws exactly the batches the
+uninterrupted run would have drawn and needs no saved sampler state. Streams return row indices of
+the *global* batch; under torchrun each rank takes its slice (:meth:`DistContext.shard`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from mixsp_core.data.table import eval_name
+from mixsp_core.errors import ConfigError, DataError
+from mixsp_core.losses import fit_pca_projection
+from mixsp_core.paths import shared_dir
+from mixsp_core.training.config import RunConfig
+
+# the seed-stream number of each data source, so their permutations never coincide
+PAIR_STREAM, DISTILL_STREAM, NLI_STREAM = 0, 1, 2
+
+
+def select_pairs(pairs: pd.DataFrame, config: RunConfig) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Training rows (``split == train`` of ``data.train_tasks``) and one frame per dev set."""
+    missing = {"sentence1", "sentence2", "score", "task", "split"} - set(pairs.columns)
+    if missing:
+        raise DataError("<pairs table>", f"missing columns {sorted(missing)}")
+    train = pairs[(pairs["split"] == "train") & pairs["task"].isin(config.data.train_tasks)]
+    if train.empty:
+        raise ConfigError("data.train_tasks", f"no training pairs for {config.data.train_tasks} in the pairs table "
+                          f"(tasks present: {sorted(pairs['task'].unique())})")
+    if config.data.max_train_pairs:
+        train = train.sample(n=min(len(train), config.data.max_train_pairs), random_state=config.seed)
+    names = pd.Series([eval_name(t, s) for t, s in zip(pairs["task"], pairs["split"])], index=pairs.index)
+    dev = {}
+    for name in config.data.dev_sets:
+        frame = pairs[names == name]
+        if len(frame) < 3:
+            raise ConfigError("data.dev_sets", f"dev set {name!r} has {len(frame)} pairs in the pairs table")
+        dev[name] = frame.reset_index(drop=True)
+    return train.reset_index(drop=True), dev
+
+
+@dataclass(frozen=True)
+class BatchStream:
+    """Row indices of batch ``step``: a fresh seeded permutation per epoch, cut into full batches.
+
+    With ``groups`` (one label per row, e.g. the task), every batch holds rows of one group only and
+    the epoch's batches of all groups are shuffled together: STS-B's and SICK's gold scales mean
+    different things, so a ranking loss should not compare pairs across them. A pure function of
+    (seed, step), so resuming needs no state.
+    """
+
+    size: int
+    batch_size: int
+    seed: int
+    stream: int
+    groups: tuple[str, ...] | None = None
+
+    @functools.cached_property
+    def batches_per_epoch(self) -> int:
+        if self.groups is None:
+            return max(1, self.size // self.batch_size)
+        counts = pd.Series(self.groups).value_counts()
+        return max(1, int(sum(max(1, n // self.batch_size) for n in counts)))
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        if self.groups is None:
+            order = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)
+            return order[position * self.batch_size:(position + 1) * self.batch_size]
+        return self._grouped_epoch(epoch)[position]
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - a frozen, hashable dataclass: caching per epoch is safe
+    def _grouped_epoch(self, epoch: int) -> list[np.ndarray]:
+        labels = np.asarray(self.groups)
+        batches = []
+        for g, name in enumerate(sorted(set(self.groups))):
+            rows = np.flatnonzero(labels == name)
+            rows = rows[np.random.default_rng([self.seed, self.stream, epoch, g]).permutation(len(rows))]
+            count = max(1, len(rows) // self.batch_size)
+            batches += [rows[i * self.batch_size:(i + 1) * self.batch_size] for i in range(count)]
+        order = np.random.default_rng([self.seed, self.stream, epoch]).permutation(len(batches))
+        return [batches[i] for i in order]
+
+
+def load_triplets(config: RunConfig) -> pd.DataFrame:
+    """SNLI dev + test triplets from ``data.nli_dir`` (auto: the shared SentEval SNLI folder)."""
+    from mixsp_core.data.corpus import load_nli_triplets
+
+    if config.data.nli_dir == "auto":
+        folder = shared_dir() / "data" / "senteval" / "SNLI"
+    else:
+        folder = Path(config.data.nli_dir)
+    return pd.concat([load_nli_triplets(folder, split) for split in ("dev", "test")], ignore_index=True)
+
+
+def distill_targets(config: RunConfig, corpus: Sequence[str] | None,
+                    teacher: np.ndarray | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """The distillation sentences and their targets: teacher rows (aligned with ``corpus``) projected
+    to ``model.output_dim`` by an uncentred PCA fitted here; rows already that wide are used as is."""
+    if not config.loss.uses_teacher and config.model.output_init != "teacher":
+        return [], None, None
+    if corpus is None or teacher is None:
+        raise ConfigError("loss.distill", "distillation needs the corpus and its teacher embeddings")
+    corpus = list(corpus)
+    teacher = np.asarray(teacher, dtype=np.float32)
+    if teacher.ndim != 2 or teacher.shape[0] != len(corpus):
+        raise DataError("<teacher embeddings>", f"shape {teacher.shape} does not match {len(corpus)} corpus sentences")
+    k = config.model.output_dim
+    if teacher.shape[1] == k:
+        return corpus, teacher, None
+    targets, components = fit_pca_projection(teacher, k, seed=config.seed)
+    return corpus, targets, components
+
+
+@dataclass(frozen=True)
+class NeighbourBatches:
+    """Distillation batches of ``anchors.batch_size`` random rows, each followed by its nearest neighbours
+    (``neighbours[row]``, k per row): a batch of ``anchors.batch_size * (k + 1)`` rows in which every
+    anchor has close partners. A pure function of (seed, step), like :class:`BatchStream`."""
+
+    anchors: BatchStream
+    neighbours: np.ndarray  # (n, k) row indices
+
+    def indices(self, step: int) -> np.ndarray:
+        rows = self.anchors.indices(step)
+        return np.concatenate([rows[:, None], self.neighbours[rows]], axis=1).reshape(-1)
+
+
+def nearest_neighbours(vectors: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """The ``k`` rows of highest cosine to each row (itself excluded), shape ``(n, k)``."""
+    if not 1 <= k < len(vectors):
+        raise ConfigError("train.distill_neighbours", f"must be between 1 and {len(vectors) - 1} (the "
+                          f"distillation sentences less one), got {k}")
+    unit = F.normalize(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), dim=1)
+    out = np.empty((len(unit), k), dtype=np.int64)
+    for start in range(0, len(unit), chunk):
+        sims = unit[start:start + chunk] @ unit.T
+        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -2.0  # not itself
+        out[start:start + chunk] = sims.topk(k, dim=1).indices.numpy()
+    return out
+
+
+def distill_batches(targets: np.ndarray | None, batch_size: int, neighbours: int,
+                    seed: int) -> BatchStream | NeighbourBatches:
+    """The distillation row stream: plain random batches, or anchors with their teacher-space neighbours."""
+    size = 0 if targets is None else len(targets)
+    if neighbours == 0 or targets is None:
+        return BatchStream(size, batch_size, seed, DISTILL_STREAM)
+    return NeighbourBatches(BatchStream(size, batch_size // (neighbours + 1), seed, DISTILL_STREAM),
+                            nearest_neighbours(targets, neighbours))
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Everything one run draws training batches from (global batches: each rank takes its slice).
+
+    ``distill_*`` are empty / None unless distillation (or ``model.output_init: teacher``) is on;
+    ``triplets`` and ``nli`` are None unless ``loss.infonce > 0``. ``pca_components`` is the teacher
+    projection fitted for the distillation targets (None when the teacher is already ``output_dim`` wide).
+    """
+
+    train: pd.DataFrame  # the training pairs
+    gold: np.ndarray  # their scores, float32
+    class_counts: tuple[int, int]  # (lower, upper) pairs for the routing loss's class balance
+    pairs: BatchStream
+    distill_sentences: list[str]
+    distill_targets: np.ndarray | None
+    pca_components: np.ndarray | None
+    distill: BatchStream | NeighbourBatches
+    triplets: pd.DataFrame | None
+    nli: BatchStream | None
+
+    @classmethod
+    def build(cls, config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,
+              teacher: np.ndarray | None, triplets: pd.DataFrame | None) -> TrainData:
+        """The streams of ``train`` (from :func:`select_pairs`), the distillation data (``corpus`` with its
+        aligned ``teacher`` rows) and the NLI ``triplets`` (loaded from ``data.nli_dir`` when None)."""
+        tc, lc = config.train, config.loss
+        gold = train["score"].to_numpy(dtype=np.float32)
+        upper = gold >= config.data.upper_threshold
+        class_counts = tuple(lc.routing_class_counts) or (max(1, int((~upper).sum())), max(1, int(upper.sum())))
+        pairs = BatchStream(len(train), tc.batch_size, config.seed, PAIR_STREAM,
+                            tuple(train["task"]) if tc.batch_by_task else None)
+        sentences, targets, components = distill_targets(config, corpus, teacher)
+        distill = distill_batches(targets, tc.distill_batch_size, tc.distill_neighbours, config.seed)
+        if lc.infonce > 0 and triplets is None:
+            triplets = load_triplets(config)
+        nli = BatchStream(len(triplets), tc.nli_batch_size, config.seed, NLI_STREAM) if lc.infonce > 0 else None
+        return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli)
