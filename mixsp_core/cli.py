@@ -14,18 +14,37 @@
     mixsp merge    --config params.yaml                       # merged snapshots, best on dev kept
     mixsp soup     RUN_DIR RUN_DIR... --out DIR [--methods uniform,greedy,fusion]   # merge several runs
     mixsp promote  --config params.yaml                       # registry version; champion alias if better
+    mixsp restore  COMMIT|MLFLOW_RUN_ID|DAGSTER_RUN_ID [--repo .]   # an earlier run's outputs back (dvc checkout)
+    mixsp push     --model DIR --repo-id USER/NAME [--token T] [--private] [--dry-run]   # upload to the Hub
+    mixsp export   --model DIR --format onnx --out OUT [--int8]   # one ONNX graph for onnxruntime
+
+Exit status: 0 done; 1 the command ran and its check said no (`validate` on invalid data, a failing data
+validation, the model gate of `promote`); 2 a user error (a bad option, config value, input file or model
+folder, a failed write), printed as one line `mixsp <cmd>: error: ...`; `--debug` adds the traceback.
+Files named by `encode --output` / `evaluate --json` are written atomically, exactly there.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+USAGE_ERROR = 2  # exit status of a user error (argparse's own, kept for every user error)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error, ``mixsp <cmd>: error: ...`` (exit 2), instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _params(args: argparse.Namespace, overrides: dict | None = None):
@@ -54,11 +73,14 @@ def _inference(args: argparse.Namespace) -> dict:
 def _load(model: str, device: str | None, dims: int | None, inference: dict):
     """A model for encode / evaluate (a saved transform, as of compressed models and the champion, applied;
     ``--dims`` keeps a prefix). ``inference``: :func:`_inference`. Options that do not fit the model or
-    device raise ConfigError."""
+    device raise a usage error; a broken model folder its own error (CheckpointError naming the file)."""
+    from mixsp_core.errors import MixSPError
     from mixsp_core.models.checkpoint import load_embedder
 
     try:
         return load_embedder(model, device=device, dims=dims, **inference)
+    except MixSPError:
+        raise  # already names its file or field
     except ValueError as err:  # options that do not fit the model or device (--dims, --quantize on CUDA, ...)
         raise _usage(str(err)) from err
 
@@ -81,17 +103,115 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     from mixsp_core.data.corpus import read_corpus
 
+    output = _output_file(args.output, "--output")  # refused before any encoding work
     sentences = read_corpus(Path(args.input), allow_empty_lines=False)
     embedder = _load(args.model, args.device, args.dims, _inference(args))
     vectors = np.asarray(embedder.encode(sentences, batch_size=args.batch_size), dtype=np.float32)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.output, vectors)
-    print(f"{args.output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
+    # through a file handle: np.save given a path would append ".npy" to a name without it
+    _write_output(output, lambda fh: np.save(fh, vectors, allow_pickle=False))
+    print(f"{output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
     return 0
 
 
+def _output_file(text: str, option: str) -> Path:
+    """The file path an option names, checked before any work: a directory, or anything that is not a regular
+    file (``/dev/full``, a pipe), is refused, since an atomic write would replace it rather than write into it."""
+    path = Path(text)
+    if path.is_dir():
+        raise _usage(f"{option} {text} is a directory; give a file path")
+    if path.exists() and not path.is_file():
+        raise _usage(f"{option} {text} is not a regular file (a device or pipe?); give a file path")
+    return path
+
+
+def _output_dir(text: str, option: str) -> Path:
+    """The directory path an option names; an existing non-directory is refused."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise _usage(f"{option} {text} exists and is not a directory")
+    return path
+
+
+def _write_output(path: Path, write) -> Path:
+    """Write ``path`` atomically and exactly there: ``write(fh)`` fills a temporary sibling opened for binary
+    writing, which replaces ``path`` only when complete and flushed to disk. A failed write (disk full, file
+    size limit) raises MixSPError and leaves ``path`` as it was, with no partial file beside it."""
+    from mixsp_core.errors import MixSPError
+    from mixsp_core.io import replacing_file
+
+    try:
+        with replacing_file(path) as tmp, open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # a full disk reports here at the latest, before the rename
+    except OSError as err:
+        raise MixSPError(f"{path}: could not write ({err.strerror or err}); "
+                         "the previous file, if any, is unchanged") from err
+    return path
+
+
+def _write_json_output(path: Path, data) -> Path:
+    """``data`` as the project's JSON text (undefined metrics as null, never NaN), via :func:`_write_output`."""
+    from mixsp_core.evaluate.sts import json_ready
+    from mixsp_core.io import json_text
+
+    text = json_text(json_ready(data))
+    return _write_output(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
 def _ints(text: str | None) -> list[int] | None:
-    return [int(v) for v in text.split(",")] if text else None
+    """A comma-joined list of positive integers (``--layers``, ``--grid-dims``); argparse type."""
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers joined by commas, e.g. 64,128; got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, ``--dims``, ``--fit-sentences``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (``soup --p``)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where this machine has it."""
+    import re
+
+    if text != "cpu" and not re.fullmatch(r"cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if text.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(text.partition(":")[2] or 0)
+        if index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text}: CUDA is not available on this machine; use --device cpu" if not count
+                else f"{text}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return text
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -105,18 +225,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not (args.model and args.data):
         raise _usage("evaluate needs --model and --data (or --config params.yaml)")
     from mixsp_core.data.sources import load_pairs
-    from mixsp_core.evaluate.sts import evaluate_embedder, format_table
+    from mixsp_core.errors import DataError
+    from mixsp_core.evaluate.sts import check_scorable, evaluate_embedder, format_table
 
-    pairs = load_pairs(args.data)
-    pairs = pairs[pairs["split"] != "train"] if not args.include_train else pairs
+    json_path = _output_file(args.json, "--json") if args.json else None
+    all_pairs = load_pairs(args.data)
+    pairs = all_pairs[all_pairs["split"] != "train"] if not args.include_train else all_pairs
+    if pairs.empty:
+        raise DataError(args.data, f"no dev or test pairs to evaluate (all {len(all_pairs)} pairs are train; "
+                                   "--include-train scores them too)")
+    check_scorable(pairs)  # a 1-pair task or constant gold scores: refused before the model is loaded
     if args.grid:
         return _grid(args, pairs)
+    from mixsp_core.evaluate.contamination import seen_pairs_for
+
+    seen, seen_source = seen_pairs_for(args.model, all_pairs)
     embedder = _load(args.model, args.device, args.dims, _inference(args))
-    result = evaluate_embedder(embedder, pairs, model=args.model, batch_size=args.batch_size)
+    result = evaluate_embedder(embedder, pairs, model=args.model, batch_size=args.batch_size, seen=seen)
+    result["seen_pairs_source"] = seen_source
     print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nseen pairs: {seen_source}")
+    if json_path is not None:
+        _write_json_output(json_path, result)
     return 0
 
 
@@ -133,23 +263,28 @@ def _grid(args: argparse.Namespace, pairs) -> int:
         train = load_pairs(args.data)
         train = train[train["split"] == "train"]
         corpus = list(dict.fromkeys([*train["sentence1"], *train["sentence2"]]))
-    spec = GridSpec(layers=_ints(args.layers), dims=_ints(args.dims_grid),
+    json_path = _output_file(args.json, "--json") if args.json else None
+    output_dir = _output_dir(args.output_dir, "--output-dir")
+    spec = GridSpec(layers=args.layers, dims=args.dims_grid,
                     vector_types=args.vector_types.split(","), dim_method=args.dim_method,
                     batch_size=args.batch_size)
     embedder = _load(args.model, args.device, None, _inference(args))
     result = run_grid(embedder, pairs, corpus[: args.fit_sentences], spec, model=args.model)
     print(result.to_markdown())
-    out = result.write(Path(args.output_dir), "grid")
-    if args.json:
-        result.save_json(args.json)
+    out = result.write(output_dir, "grid")
+    if json_path is not None:
+        result.save_json(json_path)
     print("\n".join(f"{kind}: {path}" for kind, path in out.items()))
     return 0
 
 
 def _usage(message: str) -> Exception:
+    """A bad command line (options that do not fit each other, the model or the machine): exit 2."""
     from mixsp_core.errors import ConfigError
 
-    return ConfigError("argv", message)
+    error = ConfigError("argv", message)
+    error.args = (message,)  # printed as is: the message names the option, "config field 'argv'" would not help
+    return error
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -170,6 +305,40 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     from mixsp_core.stages.promote import run_promote
 
     print(run_promote(_params(args)).summary())
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from mixsp_core.tracking.hub_push import HubOfflineError, plan_push, push_model
+
+    plan = plan_push(args.model, args.repo_id)
+    print(f"push: {plan.summary()}")
+    if args.dry_run:
+        print("\n".join(f"  {name}" for name in plan.files))
+        return 0
+    try:
+        url = push_model(plan, token=args.token, private=args.private)
+    except HubOfflineError as err:  # a state of the machine, not a usage error: exit 2, no traceback
+        print(f"mixsp push: error: {err}", file=sys.stderr)
+        return 2
+    print(f"pushed: {url}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mixsp_core.models.onnx_export import export_onnx
+
+    out = export_onnx(args.model, args.out, int8=args.int8)
+    print(f"exported {args.model} -> {out} (onnx{', int8 weights too' if args.int8 else ''})")
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from mixsp_core.tracking.dvc_history import restore_run
+
+    result = restore_run(args.ref, repo=Path(args.repo), tracking_uri=args.tracking_uri, pull=not args.no_pull,
+                         force=args.force)
+    print(result.summary())
     return 0
 
 
@@ -245,7 +414,7 @@ def _cmd_soup(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixsp", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mixsp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="read STS pairs and validate them (exit 1 when invalid)")
@@ -272,9 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
                            ("evaluate", "STS Spearman of a model on every task present")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=name == "encode", help="Hub id or a directory this project saved")
-        p.add_argument("--dims", type=int, default=None, help="keep the first K dimensions (re-normalised)")
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+        p.add_argument("--dims", type=_positive_int, default=None,
+                       help="keep the first K dimensions (re-normalised)")
+        p.add_argument("--batch-size", type=_positive_int, default=64)
+        p.add_argument("--device", type=_device, default=None,
+                       help="cpu | cuda | cuda:N (default: cuda when available)")
         p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                        help="encoder weights while encoding (auto: bf16 on CUDA, fp32 on CPU)")
         p.add_argument("--quantize", default=None, choices=("int8",),
@@ -292,13 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", default=None,
                            help="params.yaml: the pipeline's evaluate stage (every variant on dev)")
             p.add_argument("--grid", action="store_true", help="evaluate every (layers, dims, vector type) cell")
-            p.add_argument("--layers", default=None, help="grid: layer counts, e.g. 2,4,6 (default: full depth)")
-            p.add_argument("--grid-dims", dest="dims_grid", default="32,64,128,256,384", help="grid: dims")
+            p.add_argument("--layers", type=_ints, default=None,
+                           help="grid: layer counts, e.g. 2,4,6 (default: full depth)")
+            p.add_argument("--grid-dims", dest="dims_grid", type=_ints, default="32,64,128,256,384",
+                           help="grid: dims")
             p.add_argument("--vector-types", default="float32,int8,binary", help="grid: vector types")
             p.add_argument("--dim-method", default="pca", choices=("pca", "truncate"),
                            help="grid: post-hoc PCA, or prefixes (Matryoshka-trained models)")
             p.add_argument("--corpus", default=None, help="grid: sentences to fit PCA / int8 on (one per line)")
-            p.add_argument("--fit-sentences", type=int, default=5000)
+            p.add_argument("--fit-sentences", type=_positive_int, default=5000)
             p.add_argument("--output-dir", default="data/reports", help="grid: where grid.json/.md/.png go")
             p.set_defaults(func=_cmd_evaluate)
 
@@ -321,10 +494,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="training run directories (best/, start/) from one config seed")
     p.add_argument("--out", required=True, help="the merged checkpoint directory")
     p.add_argument("--methods", default="uniform,greedy,fusion", help="merge methods to try (comma-joined)")
-    p.add_argument("--p", type=float, default=1.0, help="delta-guided fusion exponent")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--p", type=_non_negative_float, default=1.0, help="delta-guided fusion exponent")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--config", default="params.yaml", help="the pipeline params: dev pairs come from its data root")
     p.set_defaults(func=_cmd_soup)
+
+    p = sub.add_parser("push", help="upload a model folder (e.g. data/models/champion, with its model card) to "
+                                    "the Hugging Face Hub")
+    p.add_argument("--model", required=True, help="the model folder (config.json and README.md inside)")
+    p.add_argument("--repo-id", required=True, help="the Hub model repo, user/name or org/name (created if missing)")
+    p.add_argument("--token", default=None, help="a Hub write token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("export", help="export a model folder (e.g. data/models/champion) for onnxruntime")
+    p.add_argument("--model", required=True, help="a model directory the pipeline wrote (or an HF folder)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the export format")
+    p.add_argument("--out", required=True, help="the export folder (model.onnx, tokenizer, mixsp_onnx.json)")
+    p.add_argument("--int8", action="store_true", help="also write model_int8.onnx (int8 weights)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("restore", help="bring back an earlier pipeline run's DVC outputs (champion included) "
+                                       "from a git commit's dvc.lock or an MLflow / Dagster run id")
+    p.add_argument("ref", help="a git commit whose dvc.lock is in history, or an MLflow run id (the training run "
+                               "or any run of that pipeline run), or a Dagster run id")
+    p.add_argument("--repo", default=".", help="the repository (dvc.yaml, dvc.lock) to restore into")
+    p.add_argument("--tracking-uri", default=None, help="the MLflow store (default: MLFLOW_TRACKING_URI or mlflow.db)")
+    p.add_argument("--no-pull", action="store_true", help="only the local DVC cache; never fetch from the remote")
+    p.add_argument("--force", action="store_true", help="overwrite outputs that differ from dvc.lock (uncommitted)")
+    p.set_defaults(func=_cmd_restore)
 
     for stage, helptext, func in (
             ("compress", "compress stage: PCA / int8 variants of the student (params.yaml)", _cmd_compress),
@@ -333,18 +532,33 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=helptext)
         p.add_argument("--config", default="params.yaml")
         p.set_defaults(func=func)
+    _add_debug_flag(parser, sub)
     return parser
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
+    """``--debug`` before or after the subcommand: show the traceback of a user error too."""
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    for command in sub.choices.values():  # SUPPRESS: an absent flag does not reset one given before the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit 0 when it did its work; 1 when it ran and its check said no (``validate`` on
+    invalid data, a failing data validation, the model gate); 2 for a user error (a bad argument, config value,
+    input file or model folder, a failed write): one line ``mixsp <cmd>: error: ...`` on stderr, no traceback
+    unless ``--debug``. Anything else is a bug and shows its traceback."""
     from mixsp_core.errors import MixSPError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (MixSPError, FileNotFoundError) as err:
+    except (MixSPError, OSError) as err:  # OSError: a missing file, no permission, a full disk
+        if args.debug:
+            traceback.print_exc()
         print(f"mixsp {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return int(getattr(err, "exit_code", USAGE_ERROR))
 
 
 if __name__ == "__main__":

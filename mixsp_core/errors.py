@@ -30,3 +30,8 @@ class ConfigError(MixSPError, ValueError):
 
 class CheckpointError(MixSPError, ValueError):
     """A checkpoint directory that is missing, incomplete or corrupt."""
+
+
+class HistoryError(MixSPError, RuntimeError):
+    """A run that cannot be versioned or brought back: a DVC or git command that failed (its message
+    included), or a run id / commit that names no recorded dvc.lock."""

@@ -1,9 +1,10 @@
 """Model merging: uniform soup, greedy soup and delta-guided fusion of checkpoints from one start.
 
-Works on state dicts read with safetensors (``model.safetensors`` of a project checkpoint or of a plain
-HF folder). A merged model is written as an ordinary checkpoint: a copy of the first checkpoint's
-directory (configs, tokenizer) with the merged weights, and a ``"merge"`` record (method, start model,
-inputs, settings, scores) in its config.json and in ``merge.json``.
+Works on state dicts read with safetensors (a project checkpoint's weight files, or ``model.safetensors``
+of a plain HF folder). A merged model is written as an ordinary checkpoint: a copy of the first checkpoint's
+directory (configs, tokenizer, sentence-transformers modules) with the merged weights in its weight files,
+and a ``"merge"`` record (method, start model, inputs, settings, scores) in its config.json and in
+``merge.json``.
 
 Delta-guided fusion (METHODS.md section 5; CoDiEmb publishes no formula, this is the project's): for each
 weight element, checkpoint c gets w_c = |θ_c - θ_0|^p / Σ_c' |θ_c' - θ_0|^p, and the merge is
@@ -38,11 +39,17 @@ _ENCODER_PREFIX = "encoder."
 
 
 def weights_path(path: str | os.PathLike[str]) -> Path:
-    """The safetensors file of ``path``: the file itself, ``DIR/model.safetensors``, or a Hub id's folder."""
+    """Where the weights of ``path`` live: a project checkpoint directory itself (its weights are split
+    over ``encoder/`` and the head's folder, see :func:`mixsp_core.models.checkpoint.read_weights`), else
+    the safetensors file: the file itself, ``DIR/model.safetensors``, or a Hub id's folder's."""
+    from mixsp_core.models.checkpoint import is_checkpoint
+
     p = Path(os.fspath(path)).expanduser()
     if p.is_file():
         return p
     if p.is_dir():
+        if is_checkpoint(p):
+            return p
         if (p / WEIGHTS_FILE).is_file():
             return p / WEIGHTS_FILE
         raise CheckpointError(f"{p / WEIGHTS_FILE}: missing")
@@ -55,11 +62,16 @@ def weights_path(path: str | os.PathLike[str]) -> Path:
 
 
 def read_state(path: str | os.PathLike[str]) -> StateDict:
-    """All tensors of a checkpoint's safetensors file, on CPU (see :func:`weights_path`)."""
+    """All tensors of a checkpoint on CPU (see :func:`weights_path`): a project checkpoint's keyed as its
+    model's state dict (the encoder's under ``encoder.``), a plain safetensors file's as they are."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from mixsp_core.models.checkpoint import read_weights
+
     file = weights_path(path)
+    if file.is_dir():
+        return read_weights(file)
     try:
         return load_file(str(file), device="cpu")
     except (SafetensorError, OSError) as err:
@@ -219,30 +231,32 @@ def write_merged(template: str | os.PathLike[str], state: StateDict, output_dir:
     ``"merge"`` in config.json."""
     from safetensors.torch import save_file
 
+    from mixsp_core.models.checkpoint import is_checkpoint, weight_files, write_weights
+
     template = Path(os.fspath(template))
     if not template.is_dir():
         raise CheckpointError(f"{template}: a merged model needs a checkpoint directory as template")
+    project = is_checkpoint(template)
+    # the template's own weights are replaced, not copied
+    skip = {template / name for name in _NOT_COPIED} | (set(weight_files(template).values()) if project else set())
     target = Path(os.fspath(output_dir))
     with writing_dir(target) as work:
-        for item in template.iterdir():
-            if item.name in _NOT_COPIED:
-                continue
-            if item.is_dir():
-                shutil.copytree(item, work / item.name)
-            else:
-                shutil.copy2(item, work / item.name)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
+        shutil.copytree(template, work, dirs_exist_ok=True,
+                        ignore=lambda folder, names: [n for n in names if Path(folder) / n in skip])
+        if project:
+            write_weights(work, state)
+        else:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
         if record is not None:
             write_json_atomic(work / MERGE_FILE, record, default=str)
-            cfg = work / "config.json"
-            if cfg.is_file():
+            if project:
+                cfg = work / "config.json"
                 meta = json.loads(cfg.read_text(encoding="utf-8"))
-                if "mixsp_kind" in meta:
-                    # Training metrics of the template do not describe the merge.
-                    meta["training"] = {}
-                    meta["merge"] = record
-                    write_json_atomic(cfg, meta, default=str)
+                # Training metrics of the template do not describe the merge.
+                meta["training"] = {}
+                meta["merge"] = record
+                write_json_atomic(cfg, meta, default=str)
     return target
 
 

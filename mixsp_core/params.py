@@ -5,12 +5,13 @@ Sections: ``data`` (pairs spec, corpus), ``teacher``, ``student`` (the training 
 student: the same :class:`~mixsp_core.training.config.RunConfig` as a ``configs/*.yaml`` file, written inline
 so that DVC declares every value as a param and ``dvc params diff`` shows a changed ``student.train.epochs``),
 ``compress``, ``merge``, ``evaluate``, ``promote``. ``auto`` values are resolved here, once. A bad value
-raises ConfigError naming the dotted field and the file.
+(wrong type, NaN or an infinity, out of range) raises ConfigError naming the dotted field and the file.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 from mixsp_core.errors import ConfigError
 from mixsp_core.paths import REPO_ROOT, PipelinePaths, in_repo, shared_dir
 from mixsp_core.training.config import (
+    MAX_SEED,
     RunConfig,
     apply_overrides,
     build_dataclass,
+    check_finite,
     read_yaml,
 )
 
@@ -47,6 +50,10 @@ class DataParams:
             raise ConfigError("data.max_corpus_sentences", f"must be >= 1, got {self.max_corpus_sentences}")
         if not self.spec.strip():
             raise ConfigError("data.spec", "must not be empty")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("data.seed", f"must be an integer in 0..{MAX_SEED}, got {self.seed}")
+        if not self.root.strip():
+            raise ConfigError("data.root", "must name a folder, e.g. data")
 
     @property
     def senteval_dir(self) -> Path:
@@ -118,8 +125,8 @@ class MergeParams:
         bad = [m for m in self.methods if m not in MERGE_METHODS]
         if bad or not self.methods:
             raise ConfigError("merge.methods", f"must be a non-empty subset of {MERGE_METHODS}, got {self.methods}")
-        if self.p < 0:
-            raise ConfigError("merge.p", f"must be >= 0, got {self.p}")
+        if not 0 <= self.p < math.inf:  # NaN fails the comparison too
+            raise ConfigError("merge.p", f"must be a finite number >= 0, got {self.p}")
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,8 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | list
                                       f"{', '.join(list(_SECTIONS)[2:])})")
     try:
         sections = {name: build_dataclass(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
-        for section in sections.values():
+        for name, section in sections.items():
+            check_finite(section, name)
             section.validate()
         student = _student_config(raw.get("student"))
     except ConfigError as err:

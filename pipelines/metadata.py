@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
 
 from mixsp_core.io import file_digest
 
@@ -29,13 +31,26 @@ def file_metadata(path: Path) -> dict[str, Any]:
     return {"path": dg.MetadataValue.path(str(path)), "bytes": path.stat().st_size, "md5": file_md5(path)}
 
 
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub-style markdown table (floats to 2 decimals)."""
-    def cell(value: Any) -> str:
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
+DECIMALS = 2  # metric values shown as text: Spearman x100 to 2 decimals, as in the reports
 
+
+def metric_text(value: Any) -> str:
+    """A table cell: any float (numpy's float32 included) to :data:`DECIMALS` decimals, NaN as ``n/a``;
+    ints, bools and text as they are."""
+    if isinstance(value, (bool, int, np.integer)) or not isinstance(value, (float, np.floating)):
+        return str(value)
+    return "n/a" if not math.isfinite(float(value)) else f"{float(value):.{DECIMALS}f}"
+
+
+def metric_value(value: Any) -> float:
+    """A metric for numeric metadata, rounded to :data:`DECIMALS` decimals (what the UI shows as text)."""
+    return round(float(value), DECIMALS)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-style markdown table (floats to 2 decimals, see :func:`metric_text`)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(metric_text(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

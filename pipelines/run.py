@@ -8,10 +8,14 @@ dvc.lock to keep it).
 
 Runs against the Dagster instance in ``$DAGSTER_HOME`` (default ``.dagster_home`` in the repository), so
 the run and its materialisations appear in the UI (`make ui`). Each step runs in its own process
-(multiprocess executor), so independent steps, the teacher shards above all, run side by side. After a successful
-run whose artifacts are the repository's ``data/``, ``dvc commit -f`` pins them in dvc.lock (so ``dvc
-status`` is clean) and the lock's hashes are logged to the run's MLflow runs (pipelines/dvc_sync.py).
-Prints where the outputs are; exits 1 when a step or a blocking check fails.
+(multiprocess executor), so independent steps, the teacher shards above all, run side by side. After a
+successful run whose artifacts are the repository's ``data/``, :func:`pipelines.dvc_sync.sync_run` pins them
+in dvc.lock (``dvc commit``: ``dvc status`` is clean), logs the lock and its hashes to the run's MLflow
+training run and pushes the outputs to the DVC remote, so `mixsp restore RUN_ID` can bring the run back.
+The run is tagged ``mixsp/dvc-sync=inline`` so the ``dvc_sync_after_run`` sensor leaves it alone.
+It does not commit to git: when dvc.lock / params.yaml changed it prints the ``git commit`` to run.
+Prints where the outputs are, the dev table and how to load the champion; exits 1 when a step, a blocking
+check or the DVC sync fails.
 """
 
 from __future__ import annotations
@@ -20,21 +24,33 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixsp_core.paths import REPO_ROOT
 
+if TYPE_CHECKING:
+    from pipelines.dvc_sync import SyncReport
+
 TELEMETRY_OFF = "telemetry:\n  enabled: false\n"
+# The library's progress lines (mixsp_core.progress: the teacher's shards, evaluation) as Dagster log events,
+# so a long step is not silent in the UI and the `make run` console.
+PROGRESS_LOGS = "python_logs:\n  managed_python_loggers:\n    - mixsp_core.progress\n  python_log_level: INFO\n"
 
 
 def ensure_dagster_home(default: Path = REPO_ROOT / ".dagster_home") -> Path:
-    """Use ``$DAGSTER_HOME`` (set it to ``default`` when unset) and make sure telemetry is off there."""
+    """Use ``$DAGSTER_HOME`` (set it to ``default`` when unset); its dagster.yaml turns telemetry off and
+    shows the library's progress logs (sections added to an existing file that lacks them)."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(default))).resolve()
     os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.is_file():
-        config.write_text(TELEMETRY_OFF)
+    text = config.read_text() if config.is_file() else ""
+    missing = [section for key, section in (("telemetry:", TELEMETRY_OFF), ("python_logs:", PROGRESS_LOGS))
+               if not any(line.startswith(key) for line in text.splitlines())]
+    if missing:
+        from mixsp_core.io import write_text_atomic
+
+        write_text_atomic(config, text + ("\n" if text and not text.endswith("\n") else "") + "".join(missing))
     return home
 
 
@@ -124,32 +140,49 @@ def _print_failures(result: Any) -> None:
         print(f"\nnot run (an upstream step failed): {', '.join(not_run)}", file=sys.stderr)
 
 
-def sync_dvc(dagster_run_id: str) -> bool:
-    """Pin the run's artifacts in dvc.lock and log the hashes to MLflow; only when the artifacts are the
-    repository's own ``data/`` (the paths dvc.yaml names). False when DVC failed."""
-    import subprocess
-
+def sync_dvc(dagster_run_id: str) -> SyncReport:
+    """:func:`pipelines.dvc_sync.sync_run` on this run (the resources' data root and MLflow store), its lines
+    printed (errors to stderr)."""
     from pipelines.defs.resources import MlflowResource, PathsResource
-    from pipelines.dvc_sync import commit_all, log_to_mlflow
+    from pipelines.dvc_sync import sync_run
 
-    if PathsResource().root().resolve() != (REPO_ROOT / "data").resolve():
-        print(f"DVC: skipped (data root {PathsResource().root()} is not the repository's data/, which dvc.yaml names)")
-        return True
-    try:
-        status = commit_all()
-    except subprocess.CalledProcessError as err:
-        print(f"DVC: `dvc commit` failed: {(err.stderr or err.stdout).strip()}", file=sys.stderr)
-        return False
-    runs = log_to_mlflow(MlflowResource().tracking_uri, dagster_run_id)
-    print(f"DVC: dvc.lock updated; `dvc status`: {status or 'clean'}; hashes logged to {len(runs)} MLflow runs")
-    return True
+    report = sync_run(dagster_run_id, MlflowResource().tracking_uri, PathsResource().root())
+    for line in report.lines():
+        print(line, file=sys.stdout if not line.startswith("DVC: error") else sys.stderr)
+    return report
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when inside it (as a user there would type it), else as is."""
+    resolved = path.resolve()
+    return resolved.relative_to(REPO_ROOT.resolve()) if resolved.is_relative_to(REPO_ROOT.resolve()) else path
+
+
+def evaluation_report() -> Path:
+    """Where the evaluate stage writes its dev table (reports/evaluation.md)."""
+    from pipelines.defs.resources import PathsResource
+
+    return PathsResource().pipeline_paths().reports / "evaluation.md"
+
+
+def loading_hint(champion: Path, registered_model: str, alias: str) -> str:
+    """How to use the champion from Python: sentence-transformers on the folder, MLflow on the registry."""
+    return "\n".join([
+        "Use the champion:",
+        "  from sentence_transformers import SentenceTransformer",
+        f"  SentenceTransformer(\"{champion}\").encode([\"A sentence.\"])",
+        "  import mlflow  # with MLFLOW_TRACKING_URI set as for make run",
+        f"  mlflow.pyfunc.load_model(\"models:/{registered_model}@{alias}\").predict([\"A sentence.\"])",
+        f"  mixsp encode --model {champion} --input sentences.txt --output vectors.npy",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="set params.yaml data.spec to SPEC, then run")
     parser.add_argument("--job", default="mixsp_full")
-    parser.add_argument("--no-dvc", action="store_true", help="skip dvc commit and logging dvc.lock to MLflow")
+    parser.add_argument("--no-dvc", action="store_true",
+                        help="skip dvc commit / push and logging dvc.lock to MLflow (the sensor skips it too)")
     args = parser.parse_args(argv)
 
     os.chdir(REPO_ROOT)  # params.yaml paths are relative to the repository root
@@ -167,15 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     from dagster import DagsterInstance, build_reconstructable_job, execute_job
 
     from pipelines.definitions import job_named
+    from pipelines.dvc_sync import SYNC_TAG, commit_advice
 
     job_named(args.job)  # an unknown job name fails here, before any run starts
     job = build_reconstructable_job("pipelines.definitions", "job_named", reconstructable_args=(args.job,))
     with DagsterInstance.get() as instance:
-        result = execute_job(job, instance, run_config=run_config(), raise_on_error=False)
+        result = execute_job(job, instance, run_config=run_config(), raise_on_error=False,
+                             tags={SYNC_TAG: "off" if args.no_dvc else "inline"})
         print(f"\nDagster run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
         if not result.success:
             _print_failures(result)
-    dvc_ok = result.success and (args.no_dvc or sync_dvc(result.run_id))
+    sync = sync_dvc(result.run_id) if result.success and not args.no_dvc else None
     print("\nOutputs:")
     for name, where in output_locations().items():
         exists = "" if not isinstance(where, Path) or where.exists() else "  (not written yet)"
@@ -184,7 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     if champion:
         print(f"\nRegistry: {champion}")
     print("\nBrowse runs and assets: make ui")
-    return 0 if dvc_ok else 1
+    if sync is not None:
+        advice = commit_advice(sync, sync.mlflow_runs[0] if sync.mlflow_runs else None)
+        if advice:
+            print(f"\n{advice}")
+    if result.success:
+        print_champion_use()
+    return 0 if result.success and (sync is None or sync.ok) else 1
+
+
+def print_champion_use() -> None:
+    """The end of a successful run's summary: the dev table, then how to load the champion."""
+    from pipelines.defs.resources import MlflowResource, PathsResource, pipeline_params
+
+    report = evaluation_report()
+    if report.is_file():
+        print(f"\nDev table ({_shown(report)}):\n{report.read_text(encoding='utf-8').strip()}")
+    champion = _shown(PathsResource().pipeline_paths().champion)
+    print("\n" + loading_hint(champion, MlflowResource().registered_model, pipeline_params().promote.alias))
 
 
 if __name__ == "__main__":

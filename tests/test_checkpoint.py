@@ -100,11 +100,12 @@ def test_optimizer_state_round_trip(bi_model, tmp_path):
 
 
 def test_corrupt_weights_name_the_file(bi_model, tmp_path):
-    save_checkpoint(bi_model, tmp_path / "ckpt")
-    weights = tmp_path / "ckpt" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
-        load_embedder(tmp_path / "ckpt", device="cpu")
+    for part in ("encoder", "2_MixSPHead"):
+        save_checkpoint(bi_model, tmp_path / part)
+        weights = tmp_path / part / part / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        with pytest.raises(CheckpointError, match=f"{part}/model.safetensors"):
+            load_embedder(tmp_path / part, device="cpu")
 
 
 def test_missing_or_broken_files_name_the_file(bi_model, tmp_path):
@@ -117,11 +118,55 @@ def test_missing_or_broken_files_name_the_file(bi_model, tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         load_embedder(tmp_path / "b")
     save_checkpoint(bi_model, tmp_path / "c")
-    (tmp_path / "c" / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    (tmp_path / "c" / "2_MixSPHead" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="2_MixSPHead/model.safetensors"):
         load_checkpoint(tmp_path / "c")
     with pytest.raises(CheckpointError, match="trainer_state.json"):
         read_trainer_state(tmp_path / "c")
+
+
+def test_each_weight_is_stored_once_and_the_encoder_folder_is_an_hf_model(bi_model, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    save_checkpoint(bi_model, tmp_path / "ckpt")
+    ckpt = tmp_path / "ckpt"
+    assert not (ckpt / "model.safetensors").exists()
+    encoder, head = load_file(str(ckpt / "encoder" / "model.safetensors")), load_file(
+        str(ckpt / "2_MixSPHead" / "model.safetensors"))
+    assert not set(encoder) & set(head)
+    assert {f"encoder.{k}" for k in encoder} | set(head) == set(bi_model.state_dict())
+    hf = AutoModel.from_pretrained(ckpt / "encoder").eval()
+    batch = bi_model.tokenize(SENTENCES)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).last_hidden_state, bi_model.encoder(**batch).last_hidden_state)
+
+
+def test_format_1_checkpoints_still_load(bi_model, tmp_path):
+    """The layout before issue 13: every weight in one root model.safetensors, encoder/ without weights."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from mixsp_core.models.checkpoint import read_weights
+
+    save_checkpoint(bi_model, tmp_path / "new")
+    old = tmp_path / "old"
+    (old / "encoder").mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "new" / "encoder" / name, old / "encoder" / name)
+    meta = json.loads((tmp_path / "new" / "config.json").read_text())
+    meta["format_version"] = 1
+    del meta["head_dir"]
+    (old / "config.json").write_text(json.dumps(meta))
+    save_model(bi_model, str(old / "model.safetensors"))
+    before = bi_model.encode(SENTENCES, show_progress=False)
+    assert np.array_equal(load_embedder(old, device="cpu").encode(SENTENCES, show_progress=False), before)
+    assert read_weights(old).keys() == read_weights(tmp_path / "new").keys()
+    meta["format_version"] = 0
+    (old / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format_version"):
+        load_checkpoint(old)
 
 
 def test_plain_hf_folder_gives_an_encoder(tiny_bert_dir):

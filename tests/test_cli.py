@@ -63,7 +63,7 @@ def test_dvc_stage_commands_run_the_chain(tmp_path, senteval_dir, tiny_teacher_d
     # The params file names its field when wrong.
     params["merge"]["p"] = -1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert main(["merge", "--config", str(tmp_path / "params.yaml")]) == 1
+    assert main(["merge", "--config", str(tmp_path / "params.yaml")]) == 2  # a user error
     assert "merge.p" in capsys.readouterr().err
 
 
@@ -81,7 +81,7 @@ def test_evaluate_grid_writes_table_json_and_plot(tmp_path, senteval_dir, tiny_b
 
 
 def test_evaluate_needs_model_and_data_or_config(capsys):
-    assert main(["evaluate", "--model", "x"]) == 1
+    assert main(["evaluate", "--model", "x"]) == 2
     assert "--config params.yaml" in capsys.readouterr().err
 
 
@@ -113,7 +113,7 @@ def test_encode_precision_quantize_and_token_budget(tmp_path, tiny_bert_dir, cap
                                ref[:, :8] / np.linalg.norm(ref[:, :8], axis=1, keepdims=True), atol=1e-5)
     capsys.readouterr()
     assert main(["encode", "--model", str(ckpt), "--input", str(sentences), "--output", str(tmp_path / "x.npy"),
-                 "--device", "cpu", "--quantize", "int8", "--precision", "bf16"]) == 1
+                 "--device", "cpu", "--quantize", "int8", "--precision", "bf16"]) == 2
     assert "int8" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
     for bad in (["--token-budget", "0"], ["--precision", "fp8"], ["--quantize", "int4"]):
         with pytest.raises(SystemExit):

@@ -60,9 +60,9 @@ def test_full_graph_outputs_checks_and_mlflow(full_run, tiny_bert_dir):
     data = workdir / "data"
 
     student = meta(result, "student")
-    assert isinstance(student["dev_primary"], float)
+    assert isinstance(student["dev/mean"], float) and isinstance(student["dev/STSBenchmark"], float)
     assert "data:image/png;base64," in student["plot/dev-spearman"]
-    assert (data / "models" / "student" / "best" / "model.safetensors").is_file()
+    assert (data / "models" / "student" / "best" / "encoder" / "model.safetensors").is_file()
 
     compressed = meta(result, "compressed_variants")
     assert compressed["bytes_per_vector/pca8"] == 32 and compressed["bytes_per_vector/int8"] == 16
@@ -76,7 +76,7 @@ def test_full_graph_outputs_checks_and_mlflow(full_run, tiny_bert_dir):
     assert [Path(p).name for p in merge_record["inputs"]] == ["step-2", "step-4"]
     assert merge_record["start"] == str(data / "models" / "student" / "start")
     assert student["snapshots"] == 2
-    assert (data / "models" / "merged" / "model" / "model.safetensors").is_file()
+    assert (data / "models" / "merged" / "model" / "encoder" / "model.safetensors").is_file()
 
     report = json.loads((data / "reports" / "evaluation.json").read_text())
     assert set(report["variants"]) == {"student", "compressed/pca8", "compressed/int8", "merged"}
@@ -93,7 +93,7 @@ def test_full_graph_outputs_checks_and_mlflow(full_run, tiny_bert_dir):
     assert (champion["version"], champion["promoted"]) == ("1", True)
     mlflow = client(workdir)
     version = mlflow.get_model_version_by_alias("mixsp-student", "champion")
-    assert str(version.version) == "1" and float(version.tags["dev_primary"]) == pytest.approx(report["best_dev"], abs=1e-4)
+    assert str(version.version) == "1" and float(version.tags["dev/mean"]) == pytest.approx(report["best_dev"], abs=1e-4)
     record = json.loads((data / "models" / "champion" / "champion.json").read_text())
     assert record["champion_version"] == "1" and record["model_name"] == report["best"]
     # The generated model card: the champion's own dev figures, base model, dims plot, how to load.
@@ -104,14 +104,26 @@ def test_full_graph_outputs_checks_and_mlflow(full_run, tiny_bert_dir):
     assert "![dev Spearman against dims](dims.png)" in card and (data / "models" / "champion" / "dims.png").is_file()
     assert "Training time:" in card
 
-    # One MLflow run per training / evaluation / promotion, each tagged with this Dagster run.
+    # One MLflow run per training / evaluation / promotion, each tagged with this Dagster run and nested
+    # under the Dagster run's parent run; one dev vocabulary; the version's source run is the training run.
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("mixsp").experiment_id],
                               filter_string=f"tags.`dagster.run_id` = '{result.run_id}'")
     stages = {run.data.tags.get("mixsp.stage"): run for run in runs}
-    assert set(stages) == {"train", "evaluate", "promote"}
+    assert set(stages) == {"pipeline", "train", "evaluate", "promote"}
     assert all(run.data.tags["git.commit"] for run in runs)
-    assert "dev/primary" in stages["train"].data.metrics
-    assert stages["evaluate"].data.metrics["best_dev"] == pytest.approx(report["best_dev"])
+    parent = stages["pipeline"].info.run_id
+    assert all(stages[s].data.tags["mlflow.parentRunId"] == parent for s in ("train", "evaluate", "promote"))
+    for stage in ("train", "evaluate", "promote"):
+        assert {"dev/STSBenchmark", "dev/SICK", "dev/mean"} <= set(stages[stage].data.metrics), stage
+    assert stages["evaluate"].data.metrics["dev/mean"] == pytest.approx(report["best_dev"])
+    trained = json.loads((data / "models" / "student" / "metrics.json").read_text())["best"]
+    assert stages["train"].data.metrics["dev/mean"] == pytest.approx(trained["primary"])  # its best, not its last
+    assert version.run_id == stages["train"].info.run_id
+    assert float(version.tags["dev/mean"]) == pytest.approx(stages["promote"].data.metrics["dev/mean"])
+    import mlflow.pyfunc
+
+    champion_model = mlflow.pyfunc.load_model(version.source)
+    assert champion_model.predict(["A man plays the guitar."]).shape == (1, report["variants"][report["best"]]["dims"])
 
     from mixsp_core.cli import main
 
@@ -126,7 +138,7 @@ def test_full_graph_outputs_checks_and_mlflow(full_run, tiny_bert_dir):
 def test_promotion_that_is_not_better_leaves_the_alias(full_run, tiny_teacher_dir, tiny_bert_dir):
     workdir, source, _ = full_run
     champion_dir = workdir / "data" / "models" / "champion"
-    before = file_md5(champion_dir / "model.safetensors")
+    before = file_md5(champion_dir / "2_MixSPHead" / "model.safetensors")
     card_before = file_md5(champion_dir / "README.md")
     # The same evaluated model again: not strictly better, so a challenger.
     again = materialize(workdir, source, tiny_teacher_dir, tiny_bert_dir, selection=["champion"])
@@ -135,7 +147,7 @@ def test_promotion_that_is_not_better_leaves_the_alias(full_run, tiny_teacher_di
     mlflow = client(workdir)
     assert str(mlflow.get_model_version_by_alias("mixsp-student", "champion").version) == "1"
     assert mlflow.get_model_version("mixsp-student", "2").tags["role"] == "challenger"
-    assert file_md5(champion_dir / "model.safetensors") == before
+    assert file_md5(champion_dir / "2_MixSPHead" / "model.safetensors") == before
     assert file_md5(champion_dir / "README.md") == card_before  # the card still describes version 1
 
 
@@ -154,8 +166,9 @@ def test_model_below_the_dev_floor_is_not_promoted(full_run, tiny_teacher_dir, t
 def test_bad_data_stops_the_graph_and_keeps_the_champion(full_run, tiny_teacher_dir, tiny_bert_dir):
     workdir, source, _ = full_run
     data = workdir / "data"
-    kept = [data / "pairs" / "pairs.parquet", data / "models" / "student" / "best" / "model.safetensors",
-            data / "models" / "champion" / "model.safetensors", data / "reports" / "evaluation.json"]
+    head = Path("2_MixSPHead") / "model.safetensors"
+    kept = [data / "pairs" / "pairs.parquet", data / "models" / "student" / "best" / head,
+            data / "models" / "champion" / head, data / "reports" / "evaluation.json"]
     before = {path: file_md5(path) for path in kept}
     mlflow = client(workdir)
     versions = len(mlflow.search_model_versions("name='mixsp-student'"))

@@ -3,6 +3,7 @@ params.yaml of its own (tiny data, tiny teacher), run history in its DAGSTER_HOM
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def run_pipeline(tmp_path: Path, source: Path, teacher: Path, encoder: Path) -> 
            "DAGSTER_HOME": str(tmp_path / "dagster_home"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     return subprocess.run([sys.executable, "-m", "pipelines.run"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
 
 
 def test_run_materialises_graph_into_dagster_home(tmp_path, senteval_dir, tiny_teacher_dir, tiny_bert_dir):
@@ -38,6 +39,10 @@ def test_run_materialises_graph_into_dagster_home(tmp_path, senteval_dir, tiny_t
     assert (tmp_path / "data" / "models" / "champion" / "champion.json").is_file()
     assert "mixsp-student version 1" in done.stdout and "promoted to champion" in done.stdout
     assert "DVC: skipped" in done.stdout  # artifacts outside the repository's data/: dvc.lock untouched
+    # The summary ends with the dev table and how to load the champion.
+    tail = done.stdout.split("Dev table")[-1]
+    assert "| variant | dev |" in tail and "SentenceTransformer(" in tail
+    assert 'mlflow.pyfunc.load_model("models:/mixsp-student@champion")' in tail
     assert "telemetry" in (tmp_path / "dagster_home" / "dagster.yaml").read_text()
 
     from dagster import AssetKey, DagsterInstance
@@ -45,6 +50,7 @@ def test_run_materialises_graph_into_dagster_home(tmp_path, senteval_dir, tiny_t
     with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
         runs = instance.get_runs()
         assert [run.job_name for run in runs] == ["mixsp_full"]
+        assert runs[0].tags["mixsp/dvc-sync"] == "inline"  # the dvc_sync_after_run sensor leaves it alone
         assert instance.get_latest_materialization_event(AssetKey("teacher_embeddings"))
         assert instance.get_latest_materialization_event(AssetKey("champion"))
 
@@ -78,6 +84,9 @@ def test_run_pins_outputs_in_dvc_and_logs_hashes_to_mlflow(tmp_path, senteval_di
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "scratch"], check=True)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    remote = tmp_path / "remote"  # the documented way to point the remote elsewhere: .dvc/config.local
+    subprocess.run([dvc, "remote", "modify", "--local", "local", "url", str(remote)], cwd=scratch, check=True)
 
     source = write_tiny_senteval(senteval_dir, tmp_path / "senteval", pairs_per_file=20, corpus_lines=30)
     params = yaml.safe_load((scratch / "params.yaml").read_text())
@@ -88,11 +97,12 @@ def test_run_pins_outputs_in_dvc_and_logs_hashes_to_mlflow(tmp_path, senteval_di
     env = {**os.environ, "PYTHONPATH": str(scratch), "MIXSP_PARAMS": str(scratch / "params.yaml"),
            "DAGSTER_HOME": str(scratch / ".dagster_home"), "MLFLOW_TRACKING_URI": uri}
     done = subprocess.run([sys.executable, "-m", "pipelines.run"], cwd=scratch, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "DVC: dvc.lock updated" in done.stdout
+    assert f"DVC: pushed to remote local ({remote})" in done.stdout and remote.is_dir()
+    assert "git add dvc.lock" in done.stdout  # make run tells the user to commit the lock
 
-    dvc = str(Path(sys.executable).parent / "dvc")
     status = subprocess.run([dvc, "status", "--json"], cwd=scratch, env=env, capture_output=True, text=True)
     assert status.returncode == 0 and status.stdout.strip() == "{}", status.stdout + status.stderr
     lock = yaml.safe_load((scratch / "dvc.lock").read_text())["stages"]
@@ -102,6 +112,22 @@ def test_run_pins_outputs_in_dvc_and_logs_hashes_to_mlflow(tmp_path, senteval_di
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("mixsp").experiment_id])
-    assert {run.data.tags["mixsp.stage"] for run in runs} == {"train", "evaluate", "promote"}
+    assert {run.data.tags["mixsp.stage"] for run in runs} == {"pipeline", "train", "evaluate", "promote"}
     student_md5 = next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "data/models/student")
-    assert all(run.data.params["dvc.train.data/models/student"] == student_md5 for run in runs)
+    train = [run for run in runs if run.data.tags["mixsp.stage"] == "train"]
+    assert len(train) == 1 and train[0].data.tags["dvc.train.data/models/student"] == student_md5
+    assert {a.path for a in client.list_artifacts(train[0].info.run_id, "dvc")} == {"dvc/dvc.lock", "dvc/params.yaml"}
+
+    # Optimizer state and the merge's snapshots are scratch: in no cache and not on the remote.
+    student = scratch / "data" / "models" / "student"
+    scratch_files = [p for part in ("last", "snapshots", "start") for p in (student / part).rglob("*") if p.is_file()]
+    assert any(p.name == "optimizer.safetensors" for p in scratch_files)
+    cached = {p.parent.name + p.name for p in (remote / "files" / "md5").rglob("*") if p.is_file()}
+    def md5(path: Path) -> str:
+        return hashlib.md5(path.read_bytes()).hexdigest()
+
+    best = [p for p in (student / "best").rglob("*") if p.is_file()]
+    assert all(md5(p) in cached for p in best)
+    only_scratch = {md5(p) for p in scratch_files} - {md5(p) for p in scratch.joinpath("data").rglob("*")
+                                                        if p.is_file() and p not in scratch_files}
+    assert only_scratch and not only_scratch & cached

@@ -64,9 +64,9 @@ def test_webserver_lists_assets_checks_schedule_and_sensor(tmp_path: Path):
 
     [entry] = data["workspaceOrError"]["locationEntries"]
     [repository] = entry["locationOrLoadError"]["repositories"]
-    assert "mixsp_full" in {job["name"] for job in repository["jobs"]}
+    assert {"mixsp_full", "dvc_sync"} <= {job["name"] for job in repository["jobs"]}
     assert {(s["name"], s["cronSchedule"]) for s in repository["schedules"]} == {("weekly_retrain", "0 3 * * 1")}
-    assert {s["name"] for s in repository["sensors"]} == {"source_data_changed"}
+    assert {s["name"] for s in repository["sensors"]} == {"source_data_changed", "dvc_sync_after_run"}
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:

@@ -36,7 +36,8 @@ def model_dir(tmp_path: Path, source: Path, name: str) -> Path:
 
 
 def promote(client, tmp_path: Path, folder: Path, dev: float):
-    run = client.create_run(client.experiment_id, run_name=f"promote {folder.name}")
+    """Register ``folder`` as the model of its own training run."""
+    run = client.create_run(client.experiment_id, run_name=f"train {folder.name}")
     return register_and_promote(client, MODEL, run.info.run_id, folder, dev, tmp_path / "champion",
                                 model_name=folder.name)
 
@@ -64,7 +65,20 @@ def test_alias_moves_only_on_a_better_dev_metric(client, tmp_path, tiny_bert_dir
     assert client.get_model_version(MODEL, "1").tags["role"] == "former-champion"
     assert (champion / "marker.txt").read_text() == "d"
     assert '"champion_version": "4"' in (champion / "champion.json").read_text()
-    # The registered artifact is the model directory itself.
-    source = client.get_model_version(MODEL, "4").source
-    assert source.endswith("/model")
-    assert {p.name for p in Path(source.removeprefix("file://")).iterdir()} >= {"marker.txt", "config.json"}
+    # The registered artifact is an MLflow model (MLmodel, pyfunc) holding the model directory, logged by
+    # the run the version names as its source run.
+    version = client.get_model_version(MODEL, "4")
+    source = Path(version.source.removeprefix("file://"))
+    assert (source / "MLmodel").is_file() and "python_function" in (source / "MLmodel").read_text()
+    assert {p.name for p in (source / "artifacts" / "model").iterdir()} >= {"marker.txt", "config.json"}
+    assert version.run_id == better.run_id and version.tags["mixsp.training_run"] == better.run_id
+    assert float(version.tags["dev/mean"]) == 50.5
+
+
+def test_a_legacy_dev_tag_still_counts(client, tmp_path, tiny_bert_dir):
+    """Versions registered before the one vocabulary carry dev_primary: the next promotion compares to it."""
+    first = promote(client, tmp_path, model_dir(tmp_path, tiny_bert_dir, "a"), 50.0)
+    client.delete_model_version_tag(MODEL, first.version, "dev/mean")
+    client.set_model_version_tag(MODEL, first.version, "dev_primary", "50.0")
+    assert current_champion(client, MODEL) == ("1", 50.0)
+    assert not promote(client, tmp_path, model_dir(tmp_path, tiny_bert_dir, "b"), 49.0).promoted

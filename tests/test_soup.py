@@ -53,5 +53,5 @@ def test_soup_needs_two_runs_with_checkpoints(runs_and_paths, tmp_path):
 
 
 def test_cli_soup_reports_an_error_without_a_traceback(tmp_path, capsys):
-    assert main(["soup", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["soup", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")]) == 2
     assert "no best/ checkpoint" in capsys.readouterr().err

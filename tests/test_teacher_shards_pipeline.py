@@ -117,11 +117,11 @@ def test_cli_shard_then_merge(tmp_path, source, tiny_teacher_dir, capsys):
     cache = tmp_path / "data" / "teacher"
 
     assert main(["teacher", "--config", str(config), "--shard", "2/2"]) == 0
-    assert main(["teacher", "--config", str(config), "--merge-shards"]) == 1
+    assert main(["teacher", "--config", str(config), "--merge-shards"]) == 2
     assert "shard-1-of-2: shard 1/2 is missing" in capsys.readouterr().err
     assert not cache.exists()  # a refused merge writes nothing
 
-    assert main(["teacher", "--config", str(config), "--shard", "1/3"]) == 1
+    assert main(["teacher", "--config", str(config), "--shard", "1/3"]) == 2
     assert "teacher.shards" in capsys.readouterr().err
     assert main(["teacher", "--config", str(config), "--shard", "1/2"]) == 0
     assert main(["teacher", "--config", str(config), "--shard", "1/2"]) == 0

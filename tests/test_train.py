@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mixsp_core.errors import CheckpointError, ConfigError
-from mixsp_core.models.checkpoint import load_checkpoint
+from mixsp_core.models.checkpoint import load_checkpoint, read_weights
 from mixsp_core.paths import RunDir
 from mixsp_core.tracking.tracker import NullTracker
 from mixsp_core.training.batches import BatchStream, NeighbourBatches, distill_batches, nearest_neighbours, select_pairs
@@ -68,7 +67,7 @@ def test_same_seed_same_run(tiny_bert_dir, pairs, tmp_path):
     for i, tracker in enumerate(runs):
         run_training(config, pairs, out_dir=tmp_path / f"r{i}", tracker=tracker, show_progress=False)
     assert runs[0].series("train/loss") == runs[1].series("train/loss")
-    a, b = (load_file(str(tmp_path / f"r{i}" / "best" / "model.safetensors")) for i in range(2))
+    a, b = (read_weights(tmp_path / f"r{i}" / "best") for i in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = tiny_config(tiny_bert_dir, train={"max_steps": 4, "eval_every": 4}, seed=8)
     tracker = NullTracker()
@@ -106,8 +105,8 @@ def test_resume_continues_from_the_saved_step(tiny_bert_dir, pairs, tmp_path):
     assert steps[0] == 5 and steps[-1] == 8 and result.steps == 8
     # the resumed run retraces the uninterrupted one: same losses, same final weights
     assert resumed.series("train/loss") == [p for p in full.series("train/loss") if p[0] >= 5]
-    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
+    a = read_weights(tmp_path / "full" / "last")
+    b = read_weights(tmp_path / "cut" / "last")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -267,10 +266,10 @@ def test_snapshots_and_start_for_merging(tiny_bert_dir, pairs, tmp_path):
     # start/ is the step-0 model: the same seed builds the same randomly initialised heads
     torch.manual_seed(config.seed)
     fresh = build_model(config.model).state_dict()
-    start = load_file(str(result.output_dir / "start" / "model.safetensors"))
+    start = read_weights(result.output_dir / "start")
     assert start.keys() == fresh.keys() and all(torch.equal(start[k], fresh[k]) for k in start)
-    last = load_file(str(result.output_dir / "last" / "model.safetensors"))
-    step4 = load_file(str(snaps / "step-4" / "model.safetensors"))
+    last = read_weights(result.output_dir / "last")
+    step4 = read_weights(snaps / "step-4")
     assert all(torch.equal(last[k], step4[k]) for k in last)
     assert not all(torch.equal(start[k], step4[k]) for k in start)
     merged = merge_checkpoints([snaps / "step-2", snaps / "step-4"], tmp_path / "fused", "fusion",

@@ -95,6 +95,13 @@ class PCATransform(Transform):
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
         super().load_state(tensors, input_dim)
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``y = W x - W mean``: the projection as a weight and a bias."""
+        if self.weight is None:
+            raise RuntimeError("pca: not fitted")
+        bias = np.zeros(self.dims) if self.mean is None else -(self.weight.astype(np.float64) @ self.mean)
+        return self.weight.astype(np.float32), bias.astype(np.float32)
+
     def torch_linear(self):  # -> tuple[torch.nn.Linear, torch.Tensor | None]
         """The projection as a frozen bias-free ``torch.nn.Linear(d, dims)`` and the mean (or None).
 

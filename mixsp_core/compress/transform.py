@@ -126,6 +126,11 @@ class Transform(ABC):
         """Restore a fitted step from :meth:`state`'s arrays; raises ValueError on a shape mismatch."""
         self.input_dim = input_dim
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(weight (d_out, d_in), bias (d_out,))`` float32 with ``apply(x) == x @ weight.T + bias`` for an
+        affine step (what a sentence-transformers ``Dense`` module computes); None for any other step."""
+        return None
+
 
 # Registry of step kinds, filled by the modules that define them (see compress/__init__.py).
 TRANSFORM_KINDS: dict[str, type[Transform]] = {}
@@ -348,19 +353,24 @@ def write_compressed_model(source: str | Path, chain: TransformChain, output_dir
                            info: dict[str, Any] | None = None) -> Path:
     """A self-contained compressed model: a copy of ``source`` (a checkpoint or HF folder, or a Hub id
     resolved to its folder; resumable-training files and any old transform left out) with ``chain``
-    saved in ``output_dir/transform/``. Written beside the target and renamed into place."""
+    saved in ``output_dir/transform/``. Where the source is a sentence-transformers folder (every ``bi``
+    checkpoint is), the chain is added to its modules too (:func:`~mixsp_core.models.st_layout.
+    append_transform_modules`: Dense modules, quantisation settings). Written beside the target and
+    renamed into place."""
     import shutil
 
     from mixsp_core.models.resolve import resolve_model
+    from mixsp_core.models.st_layout import QUANTIZATION_FILE, append_transform_modules
 
     src = Path(resolve_model(str(source)))
     target = Path(output_dir)
     if target.resolve() == src.resolve():
         raise ValueError(f"{target}: write the compressed model to a new directory, not over its source")
-    skip = shutil.ignore_patterns(TRANSFORM_SUBDIR, TRAINER_STATE_FILE, OPTIMIZER_FILE, ".*")
+    skip = shutil.ignore_patterns(TRANSFORM_SUBDIR, TRAINER_STATE_FILE, OPTIMIZER_FILE, QUANTIZATION_FILE, ".*")
     with writing_dir(target) as work:
         shutil.copytree(src, work, ignore=skip, dirs_exist_ok=True)
         save_transform(chain, work / TRANSFORM_SUBDIR, {"source": str(source), **(info or {})})
+        append_transform_modules(work, chain)
     return target
 
 

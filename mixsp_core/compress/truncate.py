@@ -39,3 +39,9 @@ class TruncateTransform(Transform):
 
     def _output_dim(self, input_dim: int) -> int:
         return self.dims
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``dims`` rows of the identity, no bias."""
+        if self.input_dim is None:
+            raise RuntimeError("truncate: not fitted")
+        return np.eye(self.dims, self.input_dim, dtype=np.float32), np.zeros(self.dims, dtype=np.float32)

@@ -135,6 +135,11 @@ class WhiteningTransform(Transform):
         assert self.weight is not None and self.mean is not None
         return {"weight": self.weight, "mean": self.mean}
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``y = W x - W mean``: the whitening as a weight and a bias."""
+        assert self.weight is not None and self.mean is not None
+        return self.weight.astype(np.float32), (-(self.weight.astype(np.float64) @ self.mean)).astype(np.float32)
+
     def load_state(self, tensors: dict[str, np.ndarray], input_dim: int) -> None:
         weight = np.asarray(tensors["weight"], dtype=np.float32)
         mean = np.asarray(tensors["mean"], dtype=np.float32)

@@ -84,6 +84,8 @@ def _dataset_pairs(loaded: Any, label: str, task: str) -> pd.DataFrame:
             raise DataError(label, f"split {split_name!r} is not train, validation/dev or test")
         source = f"{label}/{split_name}"
         raw = dataset.to_pandas()
+        if len(raw) == 0:
+            continue  # an empty split holds no pairs; a dataset with no rows at all is refused below
         frames.append(
             pairs_from_frame(
                 raw,
@@ -91,6 +93,9 @@ def _dataset_pairs(loaded: Any, label: str, task: str) -> pd.DataFrame:
                 lines=range(1, len(raw) + 1),
                 default_task=task,
                 default_split=split,
+                numeric_scores=True,
             )
         )
+    if not frames:
+        raise DataError(label, "no data rows in any split; expected at least one pair")
     return concat_pairs(frames)

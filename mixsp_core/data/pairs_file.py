@@ -36,7 +36,9 @@ def load_pairs_file(path: str | Path) -> pd.DataFrame:
         raw, lines = _read_jsonl(path)
     else:
         raw, lines = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
-    return pairs_from_frame(raw, source=str(path), lines=lines, default_task=path.stem, default_split="test")
+    # csv/tsv cells are text by nature; jsonl and parquet are typed, so a quoted or boolean score is an error
+    return pairs_from_frame(raw, source=str(path), lines=lines, default_task=path.stem, default_split="test",
+                            numeric_scores=suffix != ".csv" and suffix != ".tsv")
 
 
 def _read_delimited(path: Path, delimiter: str) -> tuple[pd.DataFrame, list[int]]:
@@ -48,6 +50,10 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[pd.DataFrame, list[int]
         header = next(reader)
     except StopIteration:
         raise DataError(path, "empty file; expected a header line with sentence1, sentence2, score", 1) from None
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(path, f"duplicate column(s) {', '.join(repeated)} in the header: which one holds the data "
+                              "is ambiguous", 1)
     rows: list[list[str]] = []
     lines: list[int] = []
     start = reader.line_num + 1
@@ -72,15 +78,34 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
+            record = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise DataError(path, f"invalid JSON: {error.msg} (column {error.colno})", number) from None
+        except _DuplicateKeyError as error:
+            raise DataError(path, f"duplicate key {error.key!r} in one record: which one holds the data is "
+                                  "ambiguous", number) from None
         if not isinstance(record, dict):
             raise DataError(path, f"expected a JSON object, found {type(record).__name__}", number)
         records.append(record)
         lines.append(number)
     columns = sorted({key for record in records for key in record}) if records else []
     return pd.DataFrame.from_records(records, columns=columns), lines
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads`` hook: an object whose key repeats raises (plain ``json`` keeps the last silently)."""
+    record: dict[str, object] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKeyError(key)
+        record[key] = value
+    return record
 
 
 def _read_parquet(path: Path) -> tuple[pd.DataFrame, list[int]]:

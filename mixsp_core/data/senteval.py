@@ -9,7 +9,10 @@ Layouts (see ``../shared/data/README.md``):
   5th, sentences in the 6th and 7th), some lines with 2 extra trailing columns; no quoting.
 - ``SICK/SICK_{train,trial,test_annotated}.txt``: tab-separated with a header line.
 
-Only the files that exist are read; every row keeps its origin (``source`` path, 1-based ``line``).
+Only the files that exist are read; every row keeps its origin (``source`` path, 1-based ``line``). A file
+that exists but holds no data rows is a ``DataError`` naming it (an empty file is a broken copy, not a missing
+split). Whether the tasks a training config names are all present is checked where they are used
+(:func:`mixsp_core.data.table.check_tasks_present`).
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ def read_sts_subset(input_path: Path, gold_path: Path, task: str, subset: str) -
                 "line": number,
             }
         )
+    if not records:
+        raise DataError(input_path, f"no scored pairs (the gold file {gold_path} has no score on any line)"
+                        if inputs else "no data rows (empty file)")
     return make_pairs(records)
 
 
@@ -136,6 +142,8 @@ def read_stsb_file(path: Path, split: str) -> pd.DataFrame:
                 "line": number,
             }
         )
+    if not records:
+        raise DataError(path, "no data rows (empty file)")
     return make_pairs(records)
 
 
@@ -145,6 +153,10 @@ def read_sick_file(path: Path, split: str) -> pd.DataFrame:
     if not lines:
         raise DataError(path, "empty file; expected a header line", 1)
     header = lines[0].split("\t")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(path, f"duplicate column(s) {', '.join(repeated)} in the header: which one holds the data "
+                              "is ambiguous", 1)
     missing = [field for field in _SICK_FIELDS if field not in header]
     if missing:
         raise DataError(path, f"header lacks {', '.join(missing)} (found: {', '.join(header)})", 1)
@@ -166,6 +178,8 @@ def read_sick_file(path: Path, split: str) -> pd.DataFrame:
                 "line": number,
             }
         )
+    if not records:
+        raise DataError(path, "no data rows (only the header line)")
     return make_pairs(records)
 
 

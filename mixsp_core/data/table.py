@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from mixsp_core.errors import DataError
@@ -90,15 +91,23 @@ def pairs_from_frame(
     default_task: str,
     default_split: str,
     row_source: str | None = None,
+    numeric_scores: bool = False,
 ) -> pd.DataFrame:
     """Turn a user frame (``sentence1``, ``sentence2``, ``score``; optional ``task``/``subset``/``split``)
     into a pairs frame.
 
     ``source`` names the input in errors, ``lines[i]`` is row i's line (or row) number there, and
     ``row_source`` (default ``source``) is stored in the ``source`` column. Sentences must be strings
-    and scores finite numbers, else ``DataError(source:line)``. Range and emptiness are left to
-    validation, which reports every offending row at once.
+    and scores finite numbers (never booleans; with ``numeric_scores``, as for JSON, parquet and Hub data,
+    numbers and not text), else ``DataError(source:line)``. A duplicated column name and a frame with no
+    rows are ``DataError(source)``. Range and emptiness of values are left to validation, which reports
+    every offending row at once.
     """
+    duplicated = sorted({str(column) for column in raw.columns[raw.columns.duplicated()]})
+    if duplicated:
+        raise DataError(source, f"duplicate column(s) {', '.join(duplicated)}: which one holds the data is ambiguous")
+    if len(raw) == 0:
+        raise DataError(source, "no data rows (only a header, or nothing at all); expected at least one pair")
     missing = [column for column in REQUIRED_INPUT_COLUMNS if column not in raw.columns]
     if missing:
         raise DataError(
@@ -123,7 +132,7 @@ def pairs_from_frame(
             {
                 "sentence1": values["sentence1"],
                 "sentence2": values["sentence2"],
-                "score": _row_score(values["score"], source, line),
+                "score": _row_score(values["score"], source, line, numeric_scores),
                 "task": task,
                 "subset": _optional_text(values, "subset", task, source, line),
                 "split": split,
@@ -144,10 +153,18 @@ def pair_counts_markdown(pairs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _row_score(value: object, source: str, line: int) -> float:
-    """A row's score; an absent cell (None/NaN, e.g. a jsonl record without the key) is named as such."""
+def _row_score(value: object, source: str, line: int, numeric: bool = False) -> float:
+    """A row's score; an absent cell (None/NaN, e.g. a jsonl record without the key) is named as such.
+
+    A boolean is never a score (``float(True)`` would silently read 1.0); with ``numeric`` (typed sources:
+    JSON, parquet, Hub datasets) text is refused too, since a quoted number there means a wrongly typed column.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise DataError(source, "score is missing (empty or NaN)", line)
+    if isinstance(value, (bool, np.bool_)):
+        raise DataError(source, f"score {value!r} is a boolean, not a number", line)
+    if numeric and not isinstance(value, (int, float, np.integer, np.floating)):
+        raise DataError(source, f"score {value!r} is {type(value).__name__}, not a number", line)
     return parse_score(value, source, line)
 
 

@@ -27,6 +27,8 @@ _EXAMPLE_TEXT_CHARS = 100
 class DataValidationError(MixSPError):
     """Validation found failures; the message names each failing check with example rows and origins."""
 
+    exit_code = 1  # the CLI's "the check ran and said no", as `mixsp validate` on invalid data
+
     def __init__(self, report: ValidationReport):
         self.report = report
         lines = [f"validation of {report.name} failed ({len(report.failures)} of {report.checks} checks):"]
@@ -117,7 +119,7 @@ class ValidationReport:
 def validate_pairs(df: pd.DataFrame, name: str, *, max_examples: int = 5) -> ValidationReport:
     """Validate a pairs table (``mixsp_core.data.table`` contract).
 
-    Failures: a ``PAIR_COLUMNS`` column missing, null values, sentences not text or empty /
+    Failures: no rows at all, a ``PAIR_COLUMNS`` column missing, null values, sentences not text or empty /
     whitespace-only, score not numeric or outside 0-5 (NaN and infinities included), split not
     train/dev/test, line < 1. Warnings: the same pair twice within a task and split; a train
     pair that also occurs (in either order) in a dev or test split.
@@ -131,6 +133,7 @@ def validate_pairs(df: pd.DataFrame, name: str, *, max_examples: int = 5) -> Val
     gx = _import_gx()
     expect = gx.expectations
     checks: list[Any] = [expect.ExpectColumnToExist(column=column, meta={"check": f"column {column} present"}) for column in PAIR_COLUMNS]
+    checks.append(expect.ExpectTableRowCountToBeBetween(min_value=1, meta={"check": "table has at least one pair"}))
     for column in (column for column in PAIR_COLUMNS if column in present):
         checks.append(expect.ExpectColumnValuesToNotBeNull(column=column, meta={"check": f"{column} has no missing values"}))
     for column in ("sentence1", "sentence2"):
@@ -179,7 +182,7 @@ def validate_pairs(df: pd.DataFrame, name: str, *, max_examples: int = 5) -> Val
 def validate_corpus(sentences: list[str], name: str = "corpus", *, max_examples: int = 5) -> ValidationReport:
     """Validate a sentence corpus (one sentence per line of file ``name``).
 
-    Failures: missing, non-text, empty / whitespace-only sentences, or sentences containing a line
+    Failures: no sentences at all; missing, non-text, empty / whitespace-only sentences, or sentences containing a line
     break. Warning: duplicate sentences. Examples carry ``name:line``.
     """
     started = time.perf_counter()
@@ -188,6 +191,7 @@ def validate_corpus(sentences: list[str], name: str = "corpus", *, max_examples:
     gx = _import_gx()
     expect = gx.expectations
     checks = [
+        expect.ExpectTableRowCountToBeBetween(min_value=1, meta={"check": "corpus has at least one sentence"}),
         expect.ExpectColumnValuesToNotBeNull(column="sentence", meta={"check": "no missing sentences"}),
         expect.ExpectColumnValuesToBeOfType(column="sentence", type_="str", meta={"check": "sentence is text"}),
         expect.ExpectColumnValuesToNotMatchRegex(column="sentence", regex=r"^\s*$", meta={"check": "sentence is not empty or whitespace-only"}),

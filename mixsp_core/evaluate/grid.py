@@ -33,7 +33,7 @@ from mixsp_core.compress.transform import VECTOR_TYPES, Embedder, Transform, Tra
 from mixsp_core.compress.truncate import TruncateTransform
 from mixsp_core.errors import ConfigError
 from mixsp_core.evaluate.plots import save_figure
-from mixsp_core.evaluate.sts import DEV_TASKS, cosine_rows, primary_metric, score_table
+from mixsp_core.evaluate.sts import DEV_TASKS, cosine_rows, json_ready, primary_metric, score_table
 from mixsp_core.io import write_json_atomic, write_text_atomic
 
 DIM_METHODS = ("pca", "truncate")
@@ -108,8 +108,9 @@ class GridResult:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def save_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path`` atomically (parent folders created)."""
-        return write_json_atomic(path, self.to_dict())
+        """Write :meth:`to_dict` as JSON to ``path`` atomically (parent folders created); an undefined
+        (NaN) correlation is written as null, never as the invalid ``NaN`` token."""
+        return write_json_atomic(path, json_ready(self.to_dict()))
 
     @property
     def task_names(self) -> list[str]:

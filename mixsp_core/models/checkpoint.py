@@ -1,14 +1,22 @@
 """Checkpoint directories: save, load, and ``load_embedder`` for anything the CLI is pointed at.
 
-Layout of one checkpoint directory::
+Layout of one checkpoint directory (format 2; each weight stored once)::
 
-    config.json          {"mixsp_kind": "bi" | "cross", "format_version": 1, "model": {...}, ...}
-    model.safetensors    every weight (encoder.*, routed.*, output.* / head.*)
-    encoder/             the base encoder's HF config.json and its tokenizer files (no weights)
+    config.json          {"mixsp_kind": "bi" | "cross", "format_version": 2, "model": {...}, "encoder_dir",
+                         "head_dir", "training": {...}}: mixsp's own config, what load_checkpoint reads
+    encoder/             the base encoder as a plain HF folder: config.json, model.safetensors (its weights
+                         under their HF names), tokenizer files; ``AutoModel.from_pretrained(DIR/encoder)``
+    2_MixSPHead/         (bi) the router, projectors and output layer: config.json + model.safetensors
+    head/                (cross) the same for the pair scorer's heads (model.safetensors)
+    modules.json ...     (bi) the sentence-transformers files (:mod:`mixsp_core.models.st_layout`), so
+                         ``SentenceTransformer(DIR, trust_remote_code=True)`` loads the same embedder
     trainer_state.json   (resumable checkpoints only) step, best metric, history, optimizer groups, ...
     optimizer.safetensors (resumable checkpoints only) AdamW moments and the RNG states, as tensors
 
-No pickle anywhere: weights and optimizer tensors are safetensors, everything else JSON.
+The model's state dict is the encoder's weights under ``encoder.`` plus the head's (:func:`read_weights`,
+what merging averages). Format 1 (every weight in one root ``model.safetensors``, ``encoder/`` without
+weights) is still read; everything is written as format 2. No pickle anywhere: weights and optimizer
+tensors are safetensors, everything else JSON.
 """
 
 from __future__ import annotations
@@ -26,14 +34,18 @@ from torch import nn
 
 from mixsp_core.errors import CheckpointError, ConfigError
 from mixsp_core.io import write_json_atomic, writing_dir
+from mixsp_core.models.st_layout import ENCODER_DIR, HEAD_DIR, write_bi_modules
 from mixsp_core.paths import OPTIMIZER_FILE, WEIGHTS_FILE
 from mixsp_core.paths import TRAINER_STATE_FILE as STATE_FILE
 from mixsp_core.training.config import ModelConfig, build_dataclass
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CONFIG_FILE = "config.json"
-ENCODER_DIR = "encoder"
+CROSS_HEAD_DIR = "head"
 KINDS = ("bi", "cross")
+ENCODER_PREFIX = "encoder."
+StateDict = dict[str, torch.Tensor]
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -60,16 +72,22 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def head_dir_of(kind: str) -> str:
+    """The folder of a model kind's non-encoder weights: the sentence-transformers head module for ``bi``."""
+    return HEAD_DIR if kind == "bi" else CROSS_HEAD_DIR
+
+
 def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None,
                     trainer_state: dict[str, Any] | None = None,
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write ``model`` (a BiStudent or CrossScorer) as one checkpoint directory, atomically.
+    """Write ``model`` (a BiStudent or CrossScorer) as one checkpoint directory (format 2), atomically.
 
     ``extra`` is stored under ``"training"`` in config.json (metrics, step, run config).
     ``trainer_state`` (JSON-able) and ``optimizer`` make the checkpoint resumable. The directory is
     written beside the target and renamed over it, so a crash never leaves a half checkpoint.
     """
     target = Path(directory)
+    head_dir = head_dir_of(model.kind)
     with writing_dir(target) as work:
         meta = {
             "mixsp_kind": model.kind,
@@ -77,12 +95,21 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
             "model": asdict(model.model_config),
             "embedding_dim": getattr(model, "dim", None),
             "encoder_dir": ENCODER_DIR,
+            "head_dir": head_dir,
             "training": extra or {},
         }
         write_json_atomic(work / CONFIG_FILE, meta, default=str)
-        save_model(model, str(work / WEIGHTS_FILE), metadata={"format": "pt", "mixsp_kind": model.kind})
+        (work / ENCODER_DIR).mkdir()
+        # the encoder as an ordinary HF folder: its own weight names, config and tokenizer
+        save_model(model.encoder, str(work / ENCODER_DIR / WEIGHTS_FILE), metadata={"format": "pt"})
         model.encoder.config.save_pretrained(work / ENCODER_DIR)
         model.tokenizer.save_pretrained(work / ENCODER_DIR)
+        head = _head_state(model.state_dict())
+        if head:
+            (work / head_dir).mkdir(exist_ok=True)
+            save_file(head, str(work / head_dir / WEIGHTS_FILE), metadata={"format": "pt", "mixsp_kind": model.kind})
+        if model.kind == "bi":
+            write_bi_modules(work, model.model_config, model.hidden_dim)
         if trainer_state is not None:
             state = dict(trainer_state)
             if optimizer is not None:
@@ -96,6 +123,11 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
     return target
 
 
+def _head_state(state: StateDict) -> StateDict:
+    """The non-encoder tensors of a model's state dict, detached CPU copies ready for safetensors."""
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith(ENCODER_PREFIX)}
+
+
 def read_checkpoint_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """config.json of a checkpoint, checked; raises CheckpointError naming the file."""
     path = Path(directory) / CONFIG_FILE
@@ -107,9 +139,79 @@ def read_checkpoint_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable JSON: {err}") from err
     if meta.get("mixsp_kind") not in KINDS:
         raise CheckpointError(f"{path}: 'mixsp_kind' must be one of {KINDS}, got {meta.get('mixsp_kind')!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if meta.get("format_version") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, expected one of "
+                              f"{READABLE_FORMATS}")
     return meta
+
+
+def weight_files(directory: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> dict[str, Path]:
+    """The safetensors files of a checkpoint by part: ``{"all": root file}`` (format 1) or
+    ``{"encoder": encoder/model.safetensors, "head": <head_dir>/model.safetensors}`` (format 2; the head
+    file may be absent when the model has no head weights)."""
+    directory = Path(directory)
+    meta = meta if meta is not None else read_checkpoint_config(directory)
+    if meta["format_version"] == 1:
+        return {"all": directory / WEIGHTS_FILE}
+    head_dir = meta.get("head_dir") or head_dir_of(meta["mixsp_kind"])
+    return {"encoder": directory / (meta.get("encoder_dir") or ENCODER_DIR) / WEIGHTS_FILE,
+            "head": directory / head_dir / WEIGHTS_FILE}
+
+
+def has_weights(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory`` is a checkpoint whose encoder (or format-1) weights file exists, or an HF
+    folder with a root ``model.safetensors``."""
+    directory = Path(directory)
+    if not is_checkpoint(directory):
+        return (directory / WEIGHTS_FILE).is_file()
+    try:
+        files = weight_files(directory)
+    except CheckpointError:
+        return False
+    return files.get("all", files.get("encoder")).is_file()
+
+
+def _load_file(path: Path) -> StateDict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors: {err}") from err
+
+
+def read_weights(directory: str | os.PathLike[str]) -> StateDict:
+    """Every tensor of a checkpoint on CPU, keyed as the model's state dict: the encoder's under
+    ``encoder.``, the heads' as they are (the same keys for format 1 and 2)."""
+    files = weight_files(directory)
+    if "all" in files:
+        return _load_file(files["all"])
+    state = {ENCODER_PREFIX + k: v for k, v in _load_file(files["encoder"]).items()}
+    if files["head"].is_file():
+        state.update(_load_file(files["head"]))
+    return state
+
+
+def write_weights(directory: str | os.PathLike[str], state: StateDict, meta: dict[str, Any] | None = None) -> None:
+    """Write ``state`` (keys as :func:`read_weights` gives them) into the weight files of the checkpoint
+    ``directory`` (its config.json says the format), replacing them. For merging: the rest of the
+    directory is the caller's. Raises CheckpointError when format-2 keys lack the ``encoder.`` prefix."""
+    files = weight_files(directory, meta)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if "all" in files:
+        save_file(tensors, str(files["all"]), metadata={"format": "pt"})
+        return
+    encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
+    if not encoder:
+        raise CheckpointError(f"{directory}: the state to write has no '{ENCODER_PREFIX}*' tensors")
+    files["encoder"].parent.mkdir(parents=True, exist_ok=True)
+    save_file(encoder, str(files["encoder"]), metadata={"format": "pt"})
+    head = _head_state(tensors)
+    if head:
+        files["head"].parent.mkdir(parents=True, exist_ok=True)
+        save_file(head, str(files["head"]), metadata={"format": "pt"})
+    elif files["head"].is_file():
+        files["head"].unlink()
 
 
 def load_checkpoint(directory: str | os.PathLike[str], device: str | torch.device | None = None) -> nn.Module:
@@ -123,7 +225,7 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str | torch.devic
         raise CheckpointError(f"{directory / CONFIG_FILE}: {err}") from err
     if config.kind != meta["mixsp_kind"]:
         raise CheckpointError(f"{directory / CONFIG_FILE}: model.kind {config.kind!r} != mixsp_kind")
-    encoder_dir = directory / ENCODER_DIR
+    encoder_dir = directory / (meta.get("encoder_dir") or ENCODER_DIR)
     if not (encoder_dir / "config.json").is_file():
         raise CheckpointError(f"{encoder_dir / 'config.json'}: missing (the encoder's HF config)")
     from mixsp_core.models.student import empty_encoder
@@ -140,16 +242,34 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str | torch.devic
         from mixsp_core.models.cross import CrossScorer
 
         model = CrossScorer(config, encoder, tokenizer)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
-    try:
-        load_model(model, str(weights), strict=True)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights}: corrupt or does not match config.json: {err}") from err
+    _load_weights(model, weight_files(directory, meta))
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _load_weights(model: nn.Module, files: dict[str, Path]) -> None:
+    """Fill ``model`` from its weight files (strict: every tensor present, none extra, shapes equal)."""
+    for path in ([files["all"]] if "all" in files else [files["encoder"]]):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+    try:
+        if "all" in files:
+            load_model(model, str(files["all"]), strict=True)
+            return
+        load_model(model.encoder, str(files["encoder"]), strict=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
+        raise CheckpointError(f"{files.get('all', files.get('encoder'))}: corrupt or does not match "
+                              f"config.json: {err}") from err
+    expected = {k for k in model.state_dict() if not k.startswith(ENCODER_PREFIX)}
+    head = _load_file(files["head"]) if expected or files["head"].is_file() else {}
+    if set(head) != expected:
+        raise CheckpointError(f"{files['head']}: does not match config.json: missing "
+                              f"{sorted(expected - set(head))[:5]}, unexpected {sorted(set(head) - expected)[:5]}")
+    try:
+        model.load_state_dict(head, strict=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{files['head']}: does not match config.json: {err}") from err
 
 
 def read_trainer_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import BatchEncoding, PreTrainedModel
 
 from mixsp_core.models.routing import RoutedProjector, RoutingOutput
-from mixsp_core.models.student import autocast_for, check_sentences, pretrained_encoder
+from mixsp_core.models.student import autocast_for, check_max_length, check_sentences, pretrained_encoder
 from mixsp_core.training.config import ModelConfig
 
 
@@ -67,6 +67,7 @@ class CrossScorer(nn.Module):
         super().__init__()
         if tokenizer.sep_token_id is None:
             raise ValueError(f"{config.encoder}: the tokenizer has no separator token; the cross model needs one")
+        check_max_length(config, encoder, tokenizer)
         self.model_config = config
         self.encoder = encoder
         self.tokenizer = tokenizer

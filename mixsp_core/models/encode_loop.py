@@ -15,10 +15,10 @@ from typing import TypeAlias
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mixsp_core.models.batching import Batch, BulkTokenizer, TokenizedChunk, stream_plans
 from mixsp_core.models.malloc_tuning import tune_malloc
+from mixsp_core.progress import encode_bar
 
 # forward(ids (B, T) on the device, mask (B, T) bool or None) -> {key: pooled (B, width) float32}
 PooledForward: TypeAlias = Callable[[torch.Tensor, "torch.Tensor | None"], dict[int, torch.Tensor]]
@@ -46,7 +46,7 @@ def encode_planned(sentences: Sequence[str], tokenize: Callable[[Sequence[str]],
     cuda = device.type == "cuda"
     workers = 1 if cuda else max(1, workers)
     done: list[tuple[np.ndarray, dict[int, torch.Tensor]]] = []
-    bar = tqdm(total=n, desc=desc, unit="sent", disable=not show_progress, leave=False)
+    bar = encode_bar(n, desc, show_progress)  # the running stage's one bar, else a bar of its own
     lock = threading.Lock()
     threads_before = torch.get_num_threads()
     try:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedModel
 
 from mixsp_core.models.batching import BulkTokenizer
@@ -19,7 +18,8 @@ from mixsp_core.models.encode_loop import encode_planned
 from mixsp_core.models.inference import InferenceCopy, resolve_inference
 from mixsp_core.models.malloc_tuning import tune_malloc
 from mixsp_core.models.pooling import POOLINGS, mean_pool, pool
-from mixsp_core.models.resolve import canonical_id, packaged_model_path, resolve_model
+from mixsp_core.models.resolve import canonical_id, check_hf_folder, packaged_model_path, resolve_model
+from mixsp_core.progress import encode_bar
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class Encoder:
         self._infer_copy = InferenceCopy()
         self._bulk: tuple[tuple, BulkTokenizer] | None = None
         self.source = resolve_model(self.name)
+        if Path(self.source).is_dir():
+            check_hf_folder(self.source)  # an empty folder or pickle-only weights: one clear error, no traceback
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
             self.model = load_hf_model(self.source)
@@ -250,7 +252,7 @@ class Encoder:
         result = {k: np.empty((len(sentences), self.dim), dtype=np.float32) for k in keys}
         # Longest first: similar lengths share a batch, so little padding; rows go back by index.
         order = np.argsort([-len(s) for s in sentences], kind="stable")
-        bar = tqdm(total=len(sentences), desc="encode", unit="sent", disable=not show, leave=False)
+        bar = encode_bar(len(sentences), "encode", show)  # the running stage's one bar, else its own
         with torch.inference_mode(), self._autocast(), bar:
             for idx in _chunks(order, batch_size):
                 batch = self.tokenize([sentences[i] for i in idx])

@@ -271,6 +271,38 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "model.pt", "model.pth", "tf_model.h5", "flax_model.msgpack")
+
+
+def check_hf_folder(folder: str | os.PathLike[str]) -> None:
+    """Refuse, with a :class:`CheckpointError` naming the file, a folder that cannot be a Hugging Face model
+    this project loads: empty, no ``config.json``, a ``config.json`` that is not a JSON object, or no
+    safetensors weights (``pytorch_model.bin`` alone is a pickle, which is never loaded). Otherwise
+    transformers would fail later with a traceback about something else (or a TypeError)."""
+    folder = Path(folder)
+    if not any(folder.iterdir()):
+        raise CheckpointError(f"{folder}: the model directory is empty (expected a checkpoint saved by mixsp or a "
+                              "Hugging Face model folder: config.json, model.safetensors, tokenizer files)")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{config}: missing; {folder} is not a model directory (expected a checkpoint saved "
+                              "by mixsp or a Hugging Face model folder)")
+    try:
+        meta = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config}: unreadable JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config}: expected a JSON object (a model config), found a {type(meta).__name__}")
+    if (folder / WEIGHTS_FILE).is_file() or (folder / f"{WEIGHTS_FILE}.index.json").is_file():
+        return
+    others = [name for name in PICKLE_WEIGHTS if (folder / name).is_file()]
+    if others:
+        raise CheckpointError(f"{folder}: only {', '.join(others)}, no {WEIGHTS_FILE}; mixsp loads safetensors "
+                              "weights only (pickled weights can run code); convert them with transformers' "
+                              "save_pretrained(safe_serialization=True) in a trusted environment")
+    raise CheckpointError(f"{folder / WEIGHTS_FILE}: missing (the model's weights)")
+
+
 def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
     """A local folder path or a Hub id for ``from_pretrained``.
 

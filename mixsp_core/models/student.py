@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel
 
+from mixsp_core.errors import ConfigError
 from mixsp_core.models.encode_loop import encode_with
 from mixsp_core.models.inference import InferenceCopy, resolve_inference
 from mixsp_core.models.pooling import pool
@@ -39,9 +40,11 @@ from mixsp_core.training.config import ModelConfig
 def pretrained_encoder(name_or_path: str) -> tuple[PreTrainedModel, object]:
     """The base encoder's pretrained weights and tokenizer (Hub ids resolved to offline copies)."""
     from mixsp_core.models.encoder import load_hf_model  # SDPA where the architecture has it, else eager
-    from mixsp_core.models.resolve import resolve_model
+    from mixsp_core.models.resolve import check_hf_folder, resolve_model
 
     source = resolve_model(name_or_path)
+    if os.path.isdir(source):
+        check_hf_folder(source)
     return load_hf_model(source), AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
@@ -54,6 +57,23 @@ def empty_encoder(folder: str | os.PathLike[str]) -> tuple[PreTrainedModel, obje
     except ValueError:
         model = AutoModel.from_config(config, attn_implementation="eager")
     return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def position_limit(encoder: PreTrainedModel, tokenizer) -> int | None:
+    """The most tokens ``encoder`` can take: its position table, capped by the tokenizer's own limit (which
+    also accounts for RoBERTa-style position offsets); None when neither is known."""
+    limits = [getattr(encoder.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    known = [int(n) for n in limits if n and n < 1_000_000]  # tokenizers without a limit report ~1e30
+    return min(known) if known else None
+
+
+def check_max_length(config: ModelConfig, encoder: PreTrainedModel, tokenizer) -> None:
+    """Refuse ``model.max_length`` beyond what the encoder can take, now rather than at the first long batch
+    of training (an index error deep inside the embeddings)."""
+    limit = position_limit(encoder, tokenizer)
+    if limit is not None and config.max_length > limit:
+        raise ConfigError("model.max_length", f"{config.max_length} exceeds the {limit} token positions of encoder "
+                          f"{config.encoder}; use at most {limit}")
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype = torch.bfloat16):
@@ -98,6 +118,7 @@ class BiStudent(nn.Module):
 
     def __init__(self, config: ModelConfig, encoder: PreTrainedModel, tokenizer):
         super().__init__()
+        check_max_length(config, encoder, tokenizer)
         self.model_config = config
         self.encoder = encoder
         self.tokenizer = tokenizer

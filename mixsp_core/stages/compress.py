@@ -12,6 +12,7 @@ from typing import Any
 from mixsp_core.errors import CheckpointError
 from mixsp_core.io import write_json_atomic
 from mixsp_core.params import Params
+from mixsp_core.progress import stage_progress
 from mixsp_core.stages.prepare import corpus_sample
 
 
@@ -33,6 +34,7 @@ def variant_name(spec: str) -> str:
     return "-".join(part.replace(":", "") for part in spec.split("+"))
 
 
+@stage_progress("compress")  # one progress bar for the stage's encode calls
 def run_compress(params: Params) -> CompressResult:
     """Fit each ``compress.variants`` chain on corpus embeddings of ``models/student/best`` and save it."""
     from mixsp_core.compress import TransformChain, make_step, write_compressed_model

@@ -18,6 +18,7 @@ from mixsp_core.evaluate.sts import DEV_TASKS, evaluate_embedder
 from mixsp_core.io import write_json_atomic, write_text_atomic
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
+from mixsp_core.progress import stage_progress
 from mixsp_core.stages.prepare import corpus_sample, dev_pairs
 from mixsp_core.tracking.tracker import RunTarget
 
@@ -52,6 +53,7 @@ def pipeline_variants(paths: PipelinePaths) -> dict[str, Path]:
     return found
 
 
+@stage_progress("evaluate")  # one progress bar for the stage's encode calls
 def run_evaluate(params: Params, target: RunTarget | None = None) -> dict[str, Any]:
     """Every variant on dev, the best chosen, the grid of the best full-precision model; returns the report."""
     from mixsp_core.evaluate.grid import GridSpec, run_grid
@@ -111,11 +113,15 @@ def _write_reports(report: dict[str, Any], paths: PipelinePaths) -> None:
 
 
 def _track(report: dict[str, Any], paths: PipelinePaths, experiment: str, target: RunTarget) -> str:
-    """One MLflow run ``evaluate``: each variant's dev mean, the best, the report files."""
-    tracker = target.tracker(experiment, "evaluate", {"mixsp.stage": "evaluate"})
+    """One MLflow run ``evaluate`` (nested in the pipeline run of the student it evaluates): the chosen
+    variant's dev metrics as ``dev/...``, every variant's as ``variant/<name>/dev/...``, the report files."""
+    from mixsp_core.tracking.metrics import variant_dev_metrics, variant_prefix
+
+    tracker = target.tracker(experiment, "evaluate", {"mixsp.stage": "evaluate"}, lineage=paths.student.root)
     try:
-        tracker.log_metrics({f"dev/{name.replace('/', '.')}": value for name, value in report["dev"].items()}, 0)
-        tracker.log_metrics({"best_dev": report["best_dev"]}, 0)
+        for name, variant in report["variants"].items():
+            tracker.log_metrics(variant_dev_metrics(variant, report["dev_sets"], variant_prefix(name)), 0)
+        tracker.log_metrics(variant_dev_metrics(report["variants"][report["best"]], report["dev_sets"]), 0)
         tracker.set_tags({"mixsp.best": report["best"], "mixsp.grid_model": report["grid_model"]})
         for name in REPORT_FILES:
             tracker.log_artifact(paths.reports / name, "reports")

@@ -15,7 +15,8 @@ import pandas as pd
 from mixsp_core.errors import CheckpointError, ConfigError
 from mixsp_core.io import replace_dir, write_json_atomic
 from mixsp_core.params import Params
-from mixsp_core.paths import WEIGHTS_FILE, PipelinePaths, RunDir
+from mixsp_core.paths import PipelinePaths, RunDir
+from mixsp_core.progress import stage_progress
 from mixsp_core.stages.evaluate import evaluate_dir
 from mixsp_core.stages.prepare import dev_pairs
 
@@ -39,14 +40,15 @@ def merge_inputs(run: RunDir) -> tuple[list[Path], str, str]:
     """The checkpoints to merge (snapshots after step 0, else best/ and last/ of the run), the start model
     they were trained from (``start/`` or ``snapshots/step-0``, else the run config's base encoder) and
     how it was found."""
+    from mixsp_core.models.checkpoint import has_weights  # torch: not when the module is imported
     from mixsp_core.training.config import load_config
 
     snaps = run.snapshot_dirs()
     checkpoints = [p for step, p in snaps if step > 0]
-    starts = [p for p in [run.start] if (p / WEIGHTS_FILE).is_file()]
+    starts = [p for p in [run.start] if has_weights(p)]
     starts += [p for step, p in snaps if step == 0]
     if len(checkpoints) < 2:
-        checkpoints = [p for p in (run.best, run.last) if (p / WEIGHTS_FILE).is_file()]
+        checkpoints = [p for p in (run.best, run.last) if has_weights(p)]
     if not checkpoints:
         raise CheckpointError(f"{run.root}: no checkpoints to merge (snapshots/step-N, best/ or last/)")
     if starts:
@@ -84,6 +86,7 @@ def merge_keep_best(checkpoints: list, start: str | None, methods: list[str], p:
     return {"best_method": best, "methods": scores, "inputs": inputs, "start": start, "records": records}
 
 
+@stage_progress("merge")  # one progress bar for the stage's encode calls
 def run_merge(params: Params) -> MergeStageResult:
     """Each ``merge.methods`` over the student run's snapshots; the best on dev kept."""
     sp, paths = params.merge, params.paths
@@ -101,15 +104,17 @@ def run_soup(runs: list[Path], out: Path, paths: PipelinePaths, methods: list[st
     """`mixsp soup`: the ``best/`` of several training runs merged by each method, the best on the pipeline's
     dev pairs kept at ``out``, the report in ``out/soup.json``. The runs must share their start (same config
     seed: the heads are initialised alike); the first run's ``start/`` is the fusion start."""
+    from mixsp_core.models.checkpoint import has_weights
+
     if len(runs) < 2:
         raise ConfigError("soup.runs", f"list at least two training runs, got {len(runs)}")
     checkpoints = []
     for run in map(RunDir, runs):
-        if not (run.best / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{run.root}: no best/ checkpoint ({WEIGHTS_FILE}); is it a training run directory?")
+        if not has_weights(run.best):
+            raise CheckpointError(f"{run.root}: no best/ checkpoint with weights; is it a training run directory?")
         checkpoints.append(run.best)
     start = RunDir(runs[0]).start
-    report = merge_keep_best(checkpoints, str(start) if (start / WEIGHTS_FILE).is_file() else None,
+    report = merge_keep_best(checkpoints, str(start) if has_weights(start) else None,
                              methods, p, dev_pairs(paths), batch_size, out)
     write_json_atomic(out / "soup.json", report, default=str)
     return MergeStageResult(out, report["best_method"], report["methods"], report["inputs"], str(report["start"]),

@@ -17,6 +17,7 @@ import numpy as np
 from mixsp_core.errors import ConfigError
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
+from mixsp_core.progress import stage_progress
 from mixsp_core.stages.prepare import read_corpus_file
 from mixsp_core.teacher.cache import TeacherCache, teacher_identity
 from mixsp_core.teacher.shards import MergeReport, ShardResult, ShardSpec, all_shards, encode_shard, merge_shards
@@ -79,6 +80,7 @@ def encode_with_teacher(corpus: list[str], paths: PipelinePaths, teacher: str, b
     return np.asarray(embeddings, dtype=np.float32), stats
 
 
+@stage_progress("teacher")  # one progress bar for the stage's encode calls
 def run_teacher(params: Params, show_progress: bool = True) -> TeacherResult:
     """Encode every shard not done yet (one after another, one teacher load), then merge all shards into the
     cache. Shards encoded beforehand (parallel steps, other machines) are only merged."""

@@ -5,6 +5,7 @@ file of configs/ (`mixsp train --config configs/X.yaml`) and the teacher's fine-
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.stages.prepare import read_corpus_file, read_pairs
 from mixsp_core.stages.teacher import encode_with_teacher
-from mixsp_core.tracking.tracker import RunTarget, Tracker, tracker_for_run
+from mixsp_core.tracking.tracker import TRAINING_RUN_FILE, RunTarget, Tracker, tracker_for_run, write_training_run
 from mixsp_core.training.config import RunConfig, apply_overrides, config_from_dict, load_config
 from mixsp_core.training.loop import TrainResult, run_training
 from mixsp_core.training.resume import can_resume
@@ -44,9 +45,10 @@ def training_inputs(config: RunConfig, paths: PipelinePaths) -> tuple[pd.DataFra
 
 
 def student_config(params: Params, overrides: list[str] | None = None) -> RunConfig:
-    """params.yaml's ``student`` with ``KEY=VALUE`` overrides (the Dagster launchpad's), re-validated."""
+    """A copy of params.yaml's ``student`` (the stage sets its resume flag), with ``KEY=VALUE`` overrides (the
+    Dagster launchpad's) re-validated."""
     if not overrides:
-        return params.student
+        return copy.deepcopy(params.student)
     config = config_from_dict(apply_overrides(params.student.to_dict(), overrides))
     config.output_dir, config.data.teacher = params.student.output_dir, params.student.data.teacher
     return config
@@ -63,10 +65,17 @@ def run_train(params: Params, overrides: list[str] | None = None, target: RunTar
         # Snapshots (and the start) of an older run must not be merged with this run's.
         shutil.rmtree(run.snapshots, ignore_errors=True)
         shutil.rmtree(run.start, ignore_errors=True)
+        (run.root / TRAINING_RUN_FILE).unlink(missing_ok=True)  # the older run's MLflow run is not this one's
+    # The promote stage logs the model it registers (this student or a variant made from it) into this run as
+    # its MLflow model; uploading best/ here as well would store the weights twice. (tracking.* is not part of
+    # the resume check, and nothing trains differently.)
+    config.tracking.log_checkpoint = False
     tracker = _tracker(config, run.root, target, {"mixsp.stage": "train", "mixsp.config": "params.yaml:student",
                                                   "mixsp.data_spec": params.data.resolved_spec()})
     pairs, corpus, teacher = training_inputs(config, params.paths)
-    return run_training(config, pairs, corpus, teacher, run.root, tracker, show_progress=show_progress)
+    result = run_training(config, pairs, corpus, teacher, run.root, tracker, show_progress=show_progress)
+    write_training_run(run.root, tracker)
+    return result
 
 
 def run_train_config(config_path: Path, params: Params, output: Path | None = None,
@@ -77,7 +86,9 @@ def run_train_config(config_path: Path, params: Params, output: Path | None = No
     out = Path(output) if output else config.resolved_output_dir()
     tracker = _tracker(config, out, target, {"mixsp.stage": "train", "mixsp.config": str(config_path)})
     pairs, corpus, teacher = training_inputs(config, params.paths)
-    return run_training(config, pairs, corpus, teacher, out, tracker)
+    result = run_training(config, pairs, corpus, teacher, out, tracker)
+    write_training_run(out, tracker)
+    return result
 
 
 def run_finetune_teacher(config_path: Path, output: Path, params: Params, target: RunTarget | None = None,
@@ -97,5 +108,4 @@ def _tracker(config: RunConfig, out: Path, target: RunTarget | None, tags: dict[
     """The run's MLflow tracker (a resumed run continues its own MLflow run)."""
     if not config.tracking.enabled:
         return tracker_for_run(config, out)  # a NullTracker: no MLflow import on machines without it
-    target = target or RunTarget()
-    return tracker_for_run(config, out, tags={**target.tags, **tags}, uri=target.uri)
+    return tracker_for_run(config, out, tags=tags, target=target or RunTarget())

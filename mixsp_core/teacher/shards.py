@@ -29,6 +29,7 @@ import numpy as np
 
 from mixsp_core.errors import ConfigError, DataError
 from mixsp_core.io import sha256_text, write_json_atomic, write_text_atomic, writing_dir
+from mixsp_core.progress import stage_progress
 from mixsp_core.teacher.cache import SentenceEncoder, TeacherCache, encoder_settings, sentence_key, settings_clash
 
 FORMAT = "mixsp-teacher-shard/1"
@@ -182,7 +183,10 @@ def encode_shard(sentences: Sequence[str], cache_dir: Path, shards_dir: Path, mo
         return ShardResult(target, spec, len(done.keys), 0)
     if todo:
         encoder = load_encoder()
-        vectors = np.asarray(encoder.encode(todo, batch_size=batch_size), dtype=np.float32)
+        # One bar for the shard, and a progress line in the log every minute (the step is long and, with
+        # shards side by side, runs with its terminal bar off: the encoder's show_progress).
+        with stage_progress(f"teacher shard {spec}", show=bool(getattr(encoder, "show_progress", True))):
+            vectors = np.asarray(encoder.encode(todo, batch_size=batch_size), dtype=np.float32)
         if vectors.shape != (len(todo), int(encoder.dim)):
             raise ValueError(f"encoder returned shape {vectors.shape}, expected {(len(todo), encoder.dim)}")
         settings: dict[str, Any] | None = encoder_settings(encoder)

@@ -34,9 +34,13 @@ def select_pairs(pairs: pd.DataFrame, config: RunConfig) -> tuple[pd.DataFrame, 
     if missing:
         raise DataError("<pairs table>", f"missing columns {sorted(missing)}")
     train = pairs[(pairs["split"] == "train") & pairs["task"].isin(config.data.train_tasks)]
-    if train.empty:
-        raise ConfigError("data.train_tasks", f"no training pairs for {config.data.train_tasks} in the pairs table "
-                          f"(tasks present: {sorted(pairs['task'].unique())})")
+    # every task named must contribute: a missing file (sts-train.csv) must not silently train on the rest
+    absent = [task for task in config.data.train_tasks if not (train["task"] == task).any()]
+    if absent:
+        with_train = sorted(pairs.loc[pairs["split"] == "train", "task"].unique())
+        raise ConfigError("data.train_tasks", f"task(s) {', '.join(map(repr, absent))} have no training pairs in "
+                          f"the pairs table (tasks with training pairs: {', '.join(with_train) or 'none'}); "
+                          "is a training file missing from the data, e.g. STS/STSBenchmark/sts-train.csv?")
     if config.data.max_train_pairs:
         train = train.sample(n=min(len(train), config.data.max_train_pairs), random_state=config.seed)
     names = pd.Series([eval_name(t, s) for t, s in zip(pairs["task"], pairs["split"])], index=pairs.index)
@@ -45,6 +49,10 @@ def select_pairs(pairs: pd.DataFrame, config: RunConfig) -> tuple[pd.DataFrame, 
         frame = pairs[names == name]
         if len(frame) < 3:
             raise ConfigError("data.dev_sets", f"dev set {name!r} has {len(frame)} pairs in the pairs table")
+        if frame["score"].nunique() < 2:  # a correlation with a constant is NaN: no step could be selected
+            raise ConfigError("data.dev_sets", f"dev set {name!r}: every gold score is {frame['score'].iloc[0]:g} "
+                              f"(from {frame['source'].iloc[0] if 'source' in frame else 'the pairs table'}); "
+                              "Spearman is undefined")
         dev[name] = frame.reset_index(drop=True)
     return train.reset_index(drop=True), dev
 

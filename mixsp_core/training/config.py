@@ -1,8 +1,8 @@
 """Training configuration: typed dataclasses read from a YAML file (or one section of params.yaml).
 
-Every field is checked when the config is built: an unknown key, a value of the wrong type or out of
-range raises :class:`mixsp_core.errors.ConfigError` naming the dotted field (``train.lr``) and, when the
-config came from a file, the file.
+Every field is checked when the config is built: an unknown key, a value of the wrong type, NaN or an
+infinity (in any float field), or a value out of range raises :class:`mixsp_core.errors.ConfigError`
+naming the dotted field (``train.lr``) and, when the config came from a file, the file.
 
 Layout of a config file (every section and field optional; defaults below)::
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -240,6 +241,9 @@ class RunConfig:
         """Check every field and the combinations between sections; return self."""
         if not self.name.strip():
             raise ConfigError("name", "must not be empty")
+        _check_seed("seed", self.seed)
+        for prefix in ("model", "data", "loss", "train", "tracking"):
+            check_finite(getattr(self, prefix), prefix)
         self.model.validate()
         self.data.validate()
         self.loss.validate()
@@ -279,6 +283,10 @@ class RunConfig:
             raise ConfigError(f"loss.{compression[0]}", "needs an STS term to apply to prefixes and layers "
                               "(cosent, pearson, rank_kl or listwise > 0)")
         width = self.model.output_dim
+        if loss.matryoshka > 0 and width and all(k >= width for k in loss.matryoshka_dims):
+            # every prefix would be skipped (not smaller than the embedding): the term would silently do nothing
+            raise ConfigError("loss.matryoshka_dims", f"needs a size below model.output_dim ({width}) when "
+                              f"loss.matryoshka > 0, got {loss.matryoshka_dims}")
         if loss.ese_alignment > 0 and width and loss.ese_dim >= width:
             raise ConfigError("loss.ese_dim", f"must be smaller than model.output_dim ({width}), got {loss.ese_dim}")
 
@@ -298,14 +306,44 @@ LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "inf
 # --------------------------------------------------------------------------- building from dicts
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and pandas' random_state take 32-bit seeds
+
+
+def _check_seed(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(name, f"must be an integer in 0..{MAX_SEED}, got {value}")
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(name, f"must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _at_least(name: str, value: float, low: float) -> None:
-    if value < low:
-        raise ConfigError(name, f"must be >= {low}, got {value}")
+    # `not value >= low` rather than `value < low`: NaN fails every comparison, so it must fail this one
+    if not value >= low or not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number >= {low}, got {value}")
+
+
+def _finite(name: str, value: float) -> float:
+    """``value`` when it is a finite number; NaN and infinities (YAML ``.nan``, ``.inf``, ``1e400``) raise."""
+    if not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value}")
+    return value
+
+
+def check_finite(section: Any, prefix: str) -> None:
+    """Raise ConfigError naming ``prefix.field`` for any NaN / infinite float field of the dataclass
+    ``section`` (one built in code, e.g. with ``dataclasses.replace``, never passed through ``_coerce``)."""
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        where = f"{prefix}.{item.name}" if prefix else item.name
+        if isinstance(value, float):
+            _finite(where, value)
+        elif isinstance(value, list):
+            for i, entry in enumerate(value):
+                if isinstance(entry, float):
+                    _finite(f"{where}[{i}]", entry)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -327,12 +365,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         # YAML 1.1 reads "5e-5" (no dot) as a string: accept numeric strings for float fields
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, f"must be a number, got {type(value).__name__} ({value!r})")
-        return float(value)
+        return _finite(name, float(value))
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(name, f"must be an integer, got {type(value).__name__} ({value!r})")

@@ -40,9 +40,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixsp_core.errors import ConfigError
+from mixsp_core.evaluate.contamination import pair_keys, write_seen_pairs
 from mixsp_core.io import replacing_file, write_json_atomic
 from mixsp_core.models.checkpoint import build_model, load_checkpoint, restore_optimizer, save_checkpoint
 from mixsp_core.paths import RunDir
+from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
 from mixsp_core.tracking.tracker import NullTracker, Tracker
 from mixsp_core.training.batches import TrainData, select_pairs
 from mixsp_core.training.config import RunConfig, dump_config, flatten
@@ -94,6 +96,14 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
     tc, main, device = config.train, ctx.is_main, ctx.device
     seed_everything(config.seed)
     train, dev = select_pairs(pairs, config)
+    # the pairs this model is trained and selected on, recorded with each checkpoint so that evaluation can
+    # score it on the test pairs it never saw (mixsp_core.evaluate.contamination)
+    seen = pair_keys(pd.concat([train, *dev.values()], ignore_index=True))
+
+    def save(directory: Path, **kwargs) -> None:
+        save_checkpoint(model, directory, **kwargs)
+        write_seen_pairs(seen, directory)
+
     if main:
         run.root.mkdir(parents=True, exist_ok=True)
         dump_config(config, run.config)
@@ -117,7 +127,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
         _init_output(model, config, data)
     if saved is None and tc.snapshot_every and main:
         # the fusion start theta_0: the heads are random per seed, so the base encoder alone is not it
-        save_checkpoint(model, run.start, extra={"step": 0, "config": config.to_dict()})
+        save(run.start, extra={"step": 0, "config": config.to_dict()})
     net = ctx.wrap(model)  # DDP copies rank 0's weights to every rank here
     optimizer = make_optimizer(model, config)
     scheduler = linear_schedule(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
@@ -148,7 +158,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
             metrics, scores = evaluate_dev(model, dev, tc.eval_batch_size)
             progress.train_seconds = time.perf_counter() - started
             progress.history.append({"step": progress.step, **metrics, "train_seconds": progress.train_seconds})
-            tracker.log_metrics({f"dev/{k}": v for k, v in metrics.items()}, progress.step)
+            tracker.log_metrics(named_dev_metrics(metrics), progress.step)  # dev/STSBenchmark, dev/SICK, dev/mean
             if not math.isfinite(metrics["primary"]):
                 # NaN Spearman means constant similarities: the model collapsed (e.g. a saturated tanh).
                 raise FloatingPointError(f"{config.name}: dev Spearman is {metrics} at step {progress.step}: "
@@ -157,13 +167,12 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
                 progress.best_metric, progress.best_step, progress.evals_since_best = (metrics["primary"],
                                                                                        progress.step, 0)
                 best_scores.update(scores)
-                save_checkpoint(model, run.best, extra={"step": progress.step, "dev": metrics,
-                                                        "config": config.to_dict()})
+                save(run.best, extra={"step": progress.step, "dev": metrics, "config": config.to_dict()})
             else:
                 progress.evals_since_best += 1
             progress.stopped_early = bool(tc.patience and progress.evals_since_best >= tc.patience)
             if tc.save_last:
-                save_checkpoint(model, run.last, optimizer=optimizer, trainer_state={
+                save(run.last, optimizer=optimizer, trainer_state={
                     **asdict(progress), "total_steps": total_steps, "scheduler": scheduler.state_dict(),
                     "config": config.to_dict(), "tracking_run_id": tracker.run_id})
         ctx.barrier()
@@ -198,8 +207,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
                 tracker.log_metrics(logged, step)
                 bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
             if tc.snapshot_every and step % tc.snapshot_every == 0 and main:
-                save_checkpoint(model, run.snapshot(step),
-                                extra={"step": step, "start": str(run.start), "config": config.to_dict()})
+                save(run.snapshot(step), extra={"step": step, "start": str(run.start), "config": config.to_dict()})
             if step % tc.eval_every == 0 or step == total_steps:
                 evaluate_and_checkpoint()
     except BaseException:

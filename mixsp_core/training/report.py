@@ -16,6 +16,7 @@ from mixsp_core.evaluate.plots import plot_class_histogram, plot_dev_curve
 from mixsp_core.evaluate.sts import correlations, cosine_rows, mean_dev_spearman
 from mixsp_core.io import write_json_atomic
 from mixsp_core.paths import RunDir
+from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
 from mixsp_core.tracking.tracker import Tracker
 from mixsp_core.training.config import RunConfig, flatten
 from mixsp_core.training.distributed import DistContext
@@ -132,7 +133,9 @@ def finish_report(scores: dict[str, np.ndarray], dev: dict[str, pd.DataFrame], c
         plot_dev_curve(history, run.plots / "dev-spearman.png", keys=[*dev, "primary"])
     report = {"best": metrics, "class_metrics": per_class, "history": history}
     write_json_atomic(run.metrics, report)
-    flat = {f"best/{k}": v for k, v in metrics.items()}
+    # Logged last, at the run's last step, under the curve's names: the run's latest dev/mean (what MLflow's
+    # compare view shows) is its best checkpoint's.
+    flat = named_dev_metrics(metrics)
     for name, cm in per_class.items():
         flat.update({f"class/{name}/{k}": v for k, v in cm.items() if v is not None})
     tracker.log_metrics(flat, step=history[-1]["step"] if history else 0)

@@ -1,4 +1,5 @@
-"""Jobs: ``mixsp_full`` materialises every asset (and runs every check) in dependency order."""
+"""Jobs: ``mixsp_full`` materialises every asset (and runs every check) in dependency order. (``dvc_sync``,
+which commits, pushes and logs one finished run's DVC outputs, lives with its sensor in dvc_sync_sensor.py.)"""
 
 from __future__ import annotations
 

@@ -69,11 +69,13 @@ class MlflowResource(dg.ConfigurableResource):
     registered_model: str = pipeline_params().promote.registered_model
 
     def target(self, context: dg.AssetExecutionContext | dg.OpExecutionContext) -> RunTarget:
-        """Where and with which tags the library's stages record this materialisation's MLflow runs."""
+        """Where and with which tags the library's stages record this materialisation's MLflow runs: nested
+        under one parent run per Dagster run (keyed by the run id, created by the first stage that records)."""
         tags = {"dagster.run_id": context.run_id, "dagster.job": context.job_name}
         if context.has_partition_key:
             tags["dagster.partition"] = context.partition_key
-        return RunTarget(uri=self.tracking_uri, tags=tags)
+        return RunTarget(uri=self.tracking_uri, tags=tags, pipeline_run=context.run_id,
+                         pipeline_name=f"dagster {context.job_name} {context.run_id[:8]}")
 
 
 class ModelGateResource(dg.ConfigurableResource):

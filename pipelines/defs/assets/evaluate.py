@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mixsp_core.tracking.metrics import DEV_MEAN, variant_dev_metrics, variant_prefix
 from pipelines.defs.assets.compress import compressed_variants
 from pipelines.defs.assets.merge import merged_model
 from pipelines.defs.assets.prepare import sentence_corpus, sts_pairs
@@ -46,8 +47,9 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
     reports = params.paths.reports
     meta = {
         "best": report["best"],
-        "best_dev": float(report["best_dev"]),
-        **{f"dev/{name}": float(value) for name, value in report["dev"].items()},
+        # the names the MLflow runs use: the chosen variant's dev/..., every variant's variant/<name>/dev/mean
+        **variant_dev_metrics(report["variants"][report["best"]], report["dev_sets"]),
+        **{f"{variant_prefix(name)}{DEV_MEAN}": float(value) for name, value in report["dev"].items()},
         "report": dg.MetadataValue.md(Path(reports / "evaluation.md").read_text()),
         "plot": png_file_markdown(reports / "evaluation.png"),
         "grid": dg.MetadataValue.md((reports / "grid.md").read_text()),

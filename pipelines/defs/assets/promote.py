@@ -38,11 +38,12 @@ def champion(context: dg.AssetExecutionContext, config: ChampionConfig, paths: P
         "registered_model": promotion.registered_model,
         "version": promotion.version,
         "promoted": promotion.promoted,
-        "dev_primary": float(promotion.dev),
+        "dev/mean": float(promotion.dev),
         "champion_version": promotion.champion_version,
         "champion_dev": float(promotion.champion_dev),
         "model": promotion.model_name,
         "verdict": promotion.summary(),
         "path": dg.MetadataValue.path(str(paths.pipeline_paths().champion)),
-        "mlflow_run_id": promotion.run_id,
+        "mlflow_run_id": promotion.promote_run_id,
+        "training_run_id": promotion.run_id,  # the registered version's source run
     })

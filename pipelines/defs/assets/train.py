@@ -9,6 +9,7 @@ Dagster charts across materialisations.
 
 import dagster as dg
 
+from mixsp_core.tracking.metrics import dev_metrics
 from pipelines.defs.assets.prepare import sentence_corpus, sts_pairs
 from pipelines.defs.assets.teacher import teacher_embeddings
 from pipelines.defs.resources import MlflowResource, PathsResource
@@ -27,8 +28,7 @@ def student_metadata(result, run) -> dict:
     metrics = result.best_metrics
     rows = [[name, float(value)] for name, value in metrics.items()]
     meta = {
-        "dev_primary": float(metrics["primary"]),
-        **{f"dev/{name}": float(v) for name, v in metrics.items() if name != "primary"},
+        **dev_metrics(metrics),  # dev/STSBenchmark, dev/SICK, dev/mean: the names the MLflow runs use
         "dev_table": dg.MetadataValue.md(markdown_table(["dev set", "Spearman x100"], rows)),
         "best_step": int(result.best_step),
         "steps": int(result.steps),
