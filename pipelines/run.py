@@ -170,7 +170,8 @@ def loading_hint(champion: Path, registered_model: str, alias: str) -> str:
     return "\n".join([
         "Use the champion:",
         "  from sentence_transformers import SentenceTransformer",
-        f"  SentenceTransformer(\"{champion}\").encode([\"A sentence.\"])",
+        f"  SentenceTransformer(\"{champion}\", trust_remote_code=True).encode([\"A sentence.\"])"
+        "  # imports the installed mixsp_core's MixSPHead; the folder holds no code",
         "  import mlflow  # with MLFLOW_TRACKING_URI set as for make run",
         f"  mlflow.pyfunc.load_model(\"models:/{registered_model}@{alias}\").predict([\"A sentence.\"])",
         f"  mixsp encode --model {champion} --input sentences.txt --output vectors.npy",

@@ -50,7 +50,7 @@ def test_card_is_a_hugging_face_model_card(tmp_path):
 
     body = card.split("---\n", 2)[2]
     assert "**86.25**" in body and "version 3 (champion)" in body
-    assert 'SentenceTransformer("data/models/champion")' in body
+    assert 'SentenceTransformer("data/models/champion", trust_remote_code=True)' in body
     assert 'mlflow.pyfunc.load_model("models:/mixsp-student@champion")' in body
     assert "mixsp export --model data/models/champion --format onnx --out DIR" in body
     assert "L2-normalised" in body and "128 dimensions" in body and 'precision="int8"' in body

@@ -114,7 +114,7 @@ def _vector_lines(variant: dict[str, Any], model: dict[str, Any], loss: dict[str
     prefixes = [k for k in loss.get("matryoshka_dims", []) if isinstance(dims, int) and k < dims]
     if loss.get("matryoshka") and prefixes:
         lines.append(f"- Matryoshka-trained prefixes {', '.join(map(str, prefixes))}: "
-                     f"`SentenceTransformer(\"data/models/champion\", truncate_dim={prefixes[0]})` or "
+                     f"`SentenceTransformer(\"data/models/champion\", trust_remote_code=True, truncate_dim={prefixes[0]})` or "
                      f"`mixsp encode --dims {prefixes[0]}` (re-normalised).")
     else:
         lines.append("- Smaller vectors: the pipeline's PCA variants (`data/models/compressed/pca*`, a Dense module "
@@ -140,7 +140,10 @@ def _usage_lines(registered_model: str, dims: Any) -> list[str]:
         "```python",
         "from sentence_transformers import SentenceTransformer",
         "",
-        "model = SentenceTransformer(\"data/models/champion\")  # or the Hub repo id after `mixsp push`",
+        "# trust_remote_code: sentence-transformers 6 asks for it for any module class outside its own package;",
+        "# here it imports the installed mixsp_core (the folder holds no code). load_sentence_transformer checks that:",
+        "# from mixsp_core.models.st_modules import load_sentence_transformer",
+        "model = SentenceTransformer(\"data/models/champion\", trust_remote_code=True)",
         "vectors = model.encode([\"A man is playing a guitar.\", \"Someone plays music.\"])"
         f"  # float32, shape (2, {dims})",
         "print(model.similarity(vectors, vectors))",
