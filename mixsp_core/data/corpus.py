@@ -61,6 +61,17 @@ _DEFAULT_CORPUS_FILES: tuple[str, ...] = (
 )
 
 
+def check_sentences(sentences: Sequence[str], what: str = "sentence") -> list[str]:
+    """``sentences`` as a list, refusing one bare string or a non-string item (a TypeError naming it)."""
+    if isinstance(sentences, str):
+        raise TypeError(f"expected a sequence of {what}s, not one string")
+    out = list(sentences)
+    for i, s in enumerate(out):
+        if not isinstance(s, str):
+            raise TypeError(f"{what} {i} is {type(s).__name__}, not str")
+    return out
+
+
 def default_corpus_files(senteval_dir: str | Path) -> list[CorpusFile]:
     """The MR, CR, SUBJ, MPQA, TREC and SST files present under ``senteval_dir``, formats set."""
     root = Path(senteval_dir)

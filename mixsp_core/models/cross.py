@@ -21,8 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BatchEncoding, PreTrainedModel
 
+from mixsp_core.data.corpus import check_sentences
 from mixsp_core.models.routing import RoutedProjector, RoutingOutput
-from mixsp_core.models.student import autocast_for, check_max_length, check_sentences, pretrained_encoder
+from mixsp_core.models.student import autocast_for, check_max_length, pretrained_encoder
 from mixsp_core.training.config import ModelConfig
 
 

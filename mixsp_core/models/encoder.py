@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedModel
 
+from mixsp_core.data.corpus import check_sentences
 from mixsp_core.models.batching import BulkTokenizer
 from mixsp_core.models.encode_loop import encode_planned
 from mixsp_core.models.inference import InferenceCopy, resolve_inference
@@ -188,7 +189,7 @@ class Encoder:
     def _run(
         self, sentences: Sequence[str], batch_size: int, show_progress: bool | None, layers: list[int] | None
     ) -> dict[int, np.ndarray]:
-        sentences = _check_sentences(sentences)
+        sentences = check_sentences(sentences)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         show = self.show_progress if show_progress is None else show_progress
@@ -269,16 +270,6 @@ class Encoder:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-def _check_sentences(sentences: Sequence[str]) -> list[str]:
-    if isinstance(sentences, str):
-        raise TypeError("encode expects a sequence of sentences, not one string")
-    out = list(sentences)
-    for i, s in enumerate(out):
-        if not isinstance(s, str):
-            raise TypeError(f"sentence {i} is {type(s).__name__}, not str")
-    return out
 
 
 def _chunks(order: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel
 
+from mixsp_core.data.corpus import check_sentences
 from mixsp_core.errors import ConfigError
 from mixsp_core.models.encode_loop import encode_with
 from mixsp_core.models.inference import InferenceCopy, resolve_inference
@@ -81,16 +82,6 @@ def autocast_for(device: torch.device, dtype: torch.dtype = torch.bfloat16):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
-
-
-def check_sentences(sentences: Sequence[str], what: str = "sentence") -> list[str]:
-    if isinstance(sentences, str):
-        raise TypeError(f"expected a sequence of {what}s, not one string")
-    out = list(sentences)
-    for i, s in enumerate(out):
-        if not isinstance(s, str):
-            raise TypeError(f"{what} {i} is {type(s).__name__}, not str")
-    return out
 
 
 # --------------------------------------------------------------------------- the model

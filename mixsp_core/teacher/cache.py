@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from mixsp_core.data.corpus import check_sentences
 from mixsp_core.errors import DataError
 from mixsp_core.io import exclusive_lock, replacing_file, sha256_file, sha256_text, write_json_atomic
 from mixsp_core.paths import WEIGHTS_FILE
@@ -195,7 +196,7 @@ class TeacherCache:
 
     def lookup(self, sentences: Sequence[str]) -> np.ndarray:
         """Cached rows (n, dim) float32 aligned with ``sentences``; KeyError if any is not cached."""
-        sentences = _check_sentences(sentences)
+        sentences = check_sentences(sentences)
         keys = [sentence_key(s) for s in sentences]
         missing = [s for s, k in zip(sentences, keys) if k not in self._rows]
         if missing:
@@ -209,7 +210,7 @@ class TeacherCache:
 
     def missing(self, sentences: Sequence[str]) -> list[str]:
         """The distinct sentences not cached yet, in first-seen order (empty: no encoder needed)."""
-        return list(self._unseen(_check_sentences(sentences)).values())
+        return list(self._unseen(check_sentences(sentences)).values())
 
     def _unseen(self, sentences: list[str]) -> dict[str, str]:
         new: dict[str, str] = {}
@@ -235,7 +236,7 @@ class TeacherCache:
         when every sentence is cached (see :meth:`missing`); ``show_progress`` None leaves the
         encoder's default.
         """
-        sentences = _check_sentences(sentences)
+        sentences = check_sentences(sentences)
         if not sentences:
             return np.zeros((0, int(encoder.dim) if encoder else self.dim or 0), dtype=np.float32), CacheStats(0, 0)
         with exclusive_lock(self.directory / LOCK):
@@ -320,12 +321,3 @@ class TeacherCache:
         self.meta = meta
         self._rows.update((k, old + i) for i, k in enumerate(keys))
 
-
-def _check_sentences(sentences: Sequence[str]) -> list[str]:
-    if isinstance(sentences, str):
-        raise TypeError("expected a sequence of sentences, not one string")
-    out = list(sentences)
-    for i, s in enumerate(out):
-        if not isinstance(s, str):
-            raise TypeError(f"sentence {i} is {type(s).__name__}, not str")
-    return out
