@@ -14,6 +14,7 @@ import dagster as dg
 from mixsp_core.params import PARAMS_FILE, Params, load_params
 from mixsp_core.paths import in_repo, shared_dir
 from mixsp_core.tracking.tracker import RunTarget, tracking_uri
+from mixsp_core.training.config import check_finite
 
 if TYPE_CHECKING:
     from mixsp_core.paths import PipelinePaths
@@ -57,8 +58,11 @@ class PathsResource(dg.ConfigurableResource):
         file's section (``compress={"variants": [...]}``), so the stage sees what the launchpad set."""
         params = pipeline_params().with_data_root(self.root())
         params = dataclasses.replace(params, teacher=dataclasses.replace(params.teacher, device=self.device))
-        return dataclasses.replace(params, **{name: dataclasses.replace(getattr(params, name), **values)
-                                              for name, values in sections.items()})
+        replaced = {name: dataclasses.replace(getattr(params, name), **values) for name, values in sections.items()}
+        for name, section in replaced.items():  # launchpad values get the checks params.yaml's values got
+            check_finite(section, name)
+            section.validate()
+        return dataclasses.replace(params, **replaced)
 
 
 class MlflowResource(dg.ConfigurableResource):
