@@ -107,6 +107,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     sentences = read_corpus(Path(args.input), allow_empty_lines=False)
     embedder = _load(args.model, args.device, args.dims, _inference(args))
     vectors = np.asarray(embedder.encode(sentences, batch_size=args.batch_size), dtype=np.float32)
+    from mixsp_core.models.integrity import check_finite_vectors
+
+    check_finite_vectors(vectors, f"model {args.model}")  # never NaN vectors with exit 0
     # through a file handle: np.save given a path would append ".npy" to a name without it
     _write_output(output, lambda fh: np.save(fh, vectors, allow_pickle=False))
     print(f"{output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
@@ -151,11 +154,25 @@ def _write_output(path: Path, write) -> Path:
 
 
 def _write_json_output(path: Path, data) -> Path:
-    """``data`` as the project's JSON text (undefined metrics as null, never NaN), via :func:`_write_output`."""
-    from mixsp_core.evaluate.sts import json_ready
+    """``data`` as the project's JSON text (undefined metrics as null, never NaN, with a warning on stderr
+    saying how many), via :func:`_write_output`."""
+    import json
+
+    from mixsp_core.evaluate.sts import count_undefined, json_ready
     from mixsp_core.io import json_text
 
-    text = json_text(json_ready(data))
+    from mixsp_core.errors import MixSPError
+
+    ready = json_ready(data)
+    try:  # the guard: a NaN that json_ready missed stops here, before anything is written
+        json.dumps(ready, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise MixSPError(f"{path}: the result holds a value JSON cannot represent ({err}); nothing written") from err
+    undefined = count_undefined(data)
+    if undefined:
+        print(f"warning: {path}: {undefined} undefined values (NaN / inf, e.g. a correlation over constant "
+              "predictions) written as null", file=sys.stderr)
+    text = json_text(ready)
     return _write_output(path, lambda fh: fh.write(text.encode("utf-8")))
 
 

@@ -157,7 +157,7 @@ def test_format_1_checkpoints_still_load(bi_model, tmp_path):
         shutil.copy(tmp_path / "new" / "encoder" / name, old / "encoder" / name)
     meta = json.loads((tmp_path / "new" / "config.json").read_text())
     meta["format_version"] = 1
-    del meta["head_dir"]
+    del meta["head_dir"], meta["weights_sha256"]  # format 1 predates both
     (old / "config.json").write_text(json.dumps(meta))
     save_model(bi_model, str(old / "model.safetensors"))
     before = bi_model.encode(SENTENCES, show_progress=False)

@@ -20,7 +20,7 @@ from mixsp_core.errors import ConfigError
 from mixsp_core.models.checkpoint import load_checkpoint, read_weights
 from mixsp_core.tracking.tracker import NullTracker
 from mixsp_core.training.config import config_from_dict
-from mixsp_core.training.distributed import DistContext, weights_digest
+from mixsp_core.training.distributed import DistContext, setup, weights_digest
 from mixsp_core.training.loop import run_training
 from tests.train_helpers import one_thread, small_pairs
 
@@ -70,19 +70,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, raw: dict, inputs: tuple, out: str, report: str) -> None:
+def _worker(rank: int, port: int, raw: dict, inputs: tuple, out: str, report: str, world: int = WORLD) -> None:
     """One torchrun-like process: the environment torchrun would set, then the ordinary entry point."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
+                      WORLD_SIZE=str(world), TORCHELASTIC_RUN_ID="test")
     pairs, corpus, teacher, triplets = inputs
     tracker = NullTracker()
     result = run_training(config_from_dict(raw), pairs, corpus, teacher, out, tracker, triplets, show_progress=False)
     Path(report, f"rank{rank}.json").write_text(json.dumps({
         "digest": result.weights_digest, "steps": result.steps, "loss": tracker.series("train/loss"),
         "grad_norm": tracker.series("train/grad_norm"),
-        "terms": sorted({k for _, m in tracker.metrics for k in m})}))
+        "terms": sorted({k for _, m in tracker.metrics for k in m}),
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else None}))
 
 
 def test_two_processes_match_one_process(no_dropout_bert, inputs, tmp_path):
@@ -115,6 +116,39 @@ def test_two_processes_match_one_process(no_dropout_bert, inputs, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_torchrun_with_one_process_takes_the_process_group_path(no_dropout_bert, inputs, tmp_path):
+    """``torchrun --nproc_per_node 1`` (one GPU) joins a process group of one and runs DDP and the
+    gathers, as on several GPUs, and trains what the plain single process trains."""
+    raw = _raw_config(no_dropout_bert)
+    pairs, corpus, teacher, triplets = inputs
+    single = NullTracker()
+    run_training(config_from_dict(raw), pairs, corpus, teacher, tmp_path / "single", single, triplets,
+                 show_progress=False)
+    report = tmp_path / "report"
+    report.mkdir()
+    mp.spawn(_worker, args=(_free_port(), raw, inputs, str(tmp_path / "ddp1"), str(report), 1), nprocs=1, join=True)
+    rank0 = json.loads((report / "rank0.json").read_text())
+    assert rank0["world_size"] is None  # the loop destroyed the group it created
+    assert "train/loss" in rank0["terms"]
+    np.testing.assert_allclose([v for _, v in rank0["loss"]], [v for _, v in single.series("train/loss")],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_setup_joins_a_group_of_one_under_torchrun(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                        "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    ctx = setup(torch.device("cpu"))
+    try:
+        assert ctx.enabled and ctx.owns_group and torch.distributed.get_backend() == "gloo"
+        x = torch.arange(6.0).reshape(3, 2)
+        assert torch.equal(ctx.gather(x), x) and ctx.all_equal("digest")
+    finally:
+        ctx.close()
+    assert not torch.distributed.is_initialized()
 
 
 def test_sharding_and_gather_in_one_process():

@@ -160,13 +160,26 @@ def json_ready(data: Any) -> Any:
     """``data`` with every NaN / infinite float replaced by None, so ``json`` writes valid JSON (``null``)
     rather than the ``NaN`` token that strict parsers refuse; a correlation over constant predictions
     (all-equal or NaN vectors) is undefined, and null says so."""
-    if isinstance(data, float):
-        return data if np.isfinite(data) else None
+    if isinstance(data, (float, np.floating)):
+        return float(data) if np.isfinite(data) else None
+    if isinstance(data, np.integer):
+        return int(data)
     if isinstance(data, dict):
         return {key: json_ready(value) for key, value in data.items()}
     if isinstance(data, (list, tuple)):
         return [json_ready(value) for value in data]
     return data
+
+
+def count_undefined(data: Any) -> int:
+    """How many NaN / infinite floats ``data`` (nested dicts and lists) holds: what :func:`json_ready` nulls."""
+    if isinstance(data, (float, np.floating)):
+        return 0 if np.isfinite(data) else 1
+    if isinstance(data, dict):
+        return sum(count_undefined(value) for value in data.values())
+    if isinstance(data, (list, tuple)):
+        return sum(count_undefined(value) for value in data)
+    return 0
 
 
 def format_table(result: dict[str, Any]) -> str:

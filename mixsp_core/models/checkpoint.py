@@ -34,6 +34,8 @@ from torch import nn
 
 from mixsp_core.errors import CheckpointError, ConfigError
 from mixsp_core.io import write_json_atomic, writing_dir
+from mixsp_core.models.integrity import (WEIGHTS_DIGEST_KEY, check_tokenizer_files, check_tokenizer_fits,
+                                         non_finite_tensors, verify_weight_digests, weight_digests)
 from mixsp_core.models.st_layout import ENCODER_DIR, HEAD_DIR, write_bi_modules
 from mixsp_core.paths import OPTIMIZER_FILE, WEIGHTS_FILE
 from mixsp_core.paths import TRAINER_STATE_FILE as STATE_FILE
@@ -84,7 +86,8 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
 
     ``extra`` is stored under ``"training"`` in config.json (metrics, step, run config).
     ``trainer_state`` (JSON-able) and ``optimizer`` make the checkpoint resumable. The directory is
-    written beside the target and renamed over it, so a crash never leaves a half checkpoint.
+    written beside the target and renamed over it, so a crash never leaves a half checkpoint. config.json
+    records the sha256 of each weights file (``weights_sha256``), which loading verifies.
     """
     target = Path(directory)
     head_dir = head_dir_of(model.kind)
@@ -98,7 +101,6 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
             "head_dir": head_dir,
             "training": extra or {},
         }
-        write_json_atomic(work / CONFIG_FILE, meta, default=str)
         (work / ENCODER_DIR).mkdir()
         # the encoder as an ordinary HF folder: its own weight names, config and tokenizer
         save_model(model.encoder, str(work / ENCODER_DIR / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -108,6 +110,9 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike[str], extra: 
         if head:
             (work / head_dir).mkdir(exist_ok=True)
             save_file(head, str(work / head_dir / WEIGHTS_FILE), metadata={"format": "pt", "mixsp_kind": model.kind})
+        # the weights' sha256, verified at load: a bit flip or a replaced file is refused, not encoded
+        meta[WEIGHTS_DIGEST_KEY] = weight_digests(work, weight_files(work, meta).values())
+        write_json_atomic(work / CONFIG_FILE, meta, default=str)
         if model.kind == "bi":
             write_bi_modules(work, model.model_config, model.hidden_dim)
         if trainer_state is not None:
@@ -175,15 +180,36 @@ def _load_file(path: Path) -> StateDict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors: {err}") from err
+    _check_finite(path, state.items())
+    return state
+
+
+def _check_finite(path: Path, tensors) -> None:
+    """Refuse NaN / inf in the ``(name, tensor)`` pairs read from the weights file ``path``."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: tensor {bad[0]} holds NaN or infinite values"
+                              f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: the file is corrupt")
+
+
+def verify_weights(directory: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> None:
+    """Check the weights files of a checkpoint against the sha256 its config.json records (a checkpoint
+    saved before they were recorded passes); CheckpointError naming the file that changed."""
+    directory = Path(directory)
+    meta = meta if meta is not None else read_checkpoint_config(directory)
+    verify_weight_digests(directory, meta.get(WEIGHTS_DIGEST_KEY), directory / CONFIG_FILE)
 
 
 def read_weights(directory: str | os.PathLike[str]) -> StateDict:
     """Every tensor of a checkpoint on CPU, keyed as the model's state dict: the encoder's under
-    ``encoder.``, the heads' as they are (the same keys for format 1 and 2)."""
-    files = weight_files(directory)
+    ``encoder.``, the heads' as they are (the same keys for format 1 and 2). The files are verified against
+    their recorded sha256 and every tensor must be finite (CheckpointError naming the file otherwise)."""
+    meta = read_checkpoint_config(directory)
+    verify_weights(directory, meta)
+    files = weight_files(directory, meta)
     if "all" in files:
         return _load_file(files["all"])
     state = {ENCODER_PREFIX + k: v for k, v in _load_file(files["encoder"]).items()}
@@ -195,11 +221,13 @@ def read_weights(directory: str | os.PathLike[str]) -> StateDict:
 def write_weights(directory: str | os.PathLike[str], state: StateDict, meta: dict[str, Any] | None = None) -> None:
     """Write ``state`` (keys as :func:`read_weights` gives them) into the weight files of the checkpoint
     ``directory`` (its config.json says the format), replacing them. For merging: the rest of the
-    directory is the caller's. Raises CheckpointError when format-2 keys lack the ``encoder.`` prefix."""
+    directory is the caller's, except the weights' sha256 in its config.json, which is updated. Raises
+    CheckpointError when format-2 keys lack the ``encoder.`` prefix."""
     files = weight_files(directory, meta)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if "all" in files:
         save_file(tensors, str(files["all"]), metadata={"format": "pt"})
+        _record_digests(Path(directory), files)
         return
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
     if not encoder:
@@ -212,10 +240,23 @@ def write_weights(directory: str | os.PathLike[str], state: StateDict, meta: dic
         save_file(head, str(files["head"]), metadata={"format": "pt"})
     elif files["head"].is_file():
         files["head"].unlink()
+    _record_digests(Path(directory), files)
+
+
+def _record_digests(directory: Path, files: dict[str, Path]) -> None:
+    """Set config.json's ``weights_sha256`` to the sha256 of the weights files now in ``directory``."""
+    cfg = directory / CONFIG_FILE
+    meta = json.loads(cfg.read_text(encoding="utf-8"))
+    meta[WEIGHTS_DIGEST_KEY] = weight_digests(directory, files.values())
+    write_json_atomic(cfg, meta, default=str)
 
 
 def load_checkpoint(directory: str | os.PathLike[str], device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild the model saved in ``directory`` (no base model download: config + weights only)."""
+    """Rebuild the model saved in ``directory`` (no base model download: config + weights only).
+
+    Refused with a CheckpointError naming the folder or file: tokenizer files missing or not fitting the
+    encoder's embedding table, a weights file whose sha256 differs from the one config.json records, a
+    NaN / inf tensor."""
     directory = Path(directory)
     meta = read_checkpoint_config(directory)
     try:
@@ -228,12 +269,16 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str | torch.devic
     encoder_dir = directory / (meta.get("encoder_dir") or ENCODER_DIR)
     if not (encoder_dir / "config.json").is_file():
         raise CheckpointError(f"{encoder_dir / 'config.json'}: missing (the encoder's HF config)")
+    check_tokenizer_files(encoder_dir)
+    files = weight_files(directory, meta)
+    verify_weights(directory, meta)
     from mixsp_core.models.student import empty_encoder
 
     try:
         encoder, tokenizer = empty_encoder(encoder_dir)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{encoder_dir}: cannot rebuild the encoder or tokenizer: {err}") from err
+    check_tokenizer_fits(tokenizer, encoder, encoder_dir)
     if config.kind == "bi":
         from mixsp_core.models.student import BiStudent
 
@@ -242,7 +287,8 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str | torch.devic
         from mixsp_core.models.cross import CrossScorer
 
         model = CrossScorer(config, encoder, tokenizer)
-    _load_weights(model, weight_files(directory, meta))
+    _load_weights(model, files)
+    _check_loaded_finite(model, files)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -270,6 +316,17 @@ def _load_weights(model: nn.Module, files: dict[str, Path]) -> None:
         model.load_state_dict(head, strict=False)
     except RuntimeError as err:
         raise CheckpointError(f"{files['head']}: does not match config.json: {err}") from err
+
+
+def _check_loaded_finite(model: nn.Module, files: dict[str, Path]) -> None:
+    """Refuse NaN / inf in ``model``'s tensors just loaded from ``files``, naming the file each came from."""
+    if "all" in files:
+        _check_finite(files["all"], model.state_dict().items())
+        return
+    state = model.state_dict()
+    _check_finite(files["encoder"], ((k[len(ENCODER_PREFIX):], v) for k, v in state.items()
+                                     if k.startswith(ENCODER_PREFIX)))
+    _check_finite(files["head"], ((k, v) for k, v in state.items() if not k.startswith(ENCODER_PREFIX)))
 
 
 def read_trainer_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -17,6 +17,7 @@ from mixsp_core.data.corpus import check_sentences
 from mixsp_core.models.batching import BulkTokenizer
 from mixsp_core.models.encode_loop import encode_planned
 from mixsp_core.models.inference import InferenceCopy, resolve_inference
+from mixsp_core.models.integrity import check_loaded_hf_encoder
 from mixsp_core.models.malloc_tuning import tune_malloc
 from mixsp_core.models.pooling import POOLINGS, mean_pool, pool
 from mixsp_core.models.resolve import canonical_id, check_hf_folder, packaged_model_path, resolve_model
@@ -113,6 +114,8 @@ class Encoder:
             self.source = str(packaged_model_path(self.source))
             self.tokenizer = AutoTokenizer.from_pretrained(self.source, trust_remote_code=False)
             self.model = load_hf_model(self.source)
+        # a folder without tokenizer files loads with a 5-token vocabulary; corrupt weights encode NaN
+        check_loaded_hf_encoder(self.source, self.tokenizer, self.model)
         self.model.to(self.device).eval()
         config = self.model.config
         self.dim: int = int(config.hidden_size)

@@ -39,14 +39,19 @@ from mixsp_core.training.config import ModelConfig
 
 
 def pretrained_encoder(name_or_path: str) -> tuple[PreTrainedModel, object]:
-    """The base encoder's pretrained weights and tokenizer (Hub ids resolved to offline copies)."""
+    """The base encoder's pretrained weights and tokenizer (Hub ids resolved to offline copies); a folder
+    without tokenizer files, a tokenizer that does not fit the weights or non-finite weights are refused
+    (CheckpointError naming the folder)."""
     from mixsp_core.models.encoder import load_hf_model  # SDPA where the architecture has it, else eager
+    from mixsp_core.models.integrity import check_loaded_hf_encoder
     from mixsp_core.models.resolve import check_hf_folder, resolve_model
 
     source = resolve_model(name_or_path)
     if os.path.isdir(source):
         check_hf_folder(source)
-    return load_hf_model(source), AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    model, tokenizer = load_hf_model(source), AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    check_loaded_hf_encoder(source, tokenizer, model)
+    return model, tokenizer
 
 
 def empty_encoder(folder: str | os.PathLike[str]) -> tuple[PreTrainedModel, object]:

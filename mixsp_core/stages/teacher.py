@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TeacherResult:
     """``encoded`` corpus sentences were new to the cache (encoded by the shards, here or elsewhere),
-    ``reused`` were cached before; ``encoded_here`` of them were encoded by this call."""
+    ``reused`` were cached before; ``encoded_here`` of them were encoded by this call; ``repaired`` of the
+    encoded had a cached row that failed its check (NaN, key / vector mismatch, no check recorded)."""
 
     encoded: int
     reused: int
@@ -38,9 +39,11 @@ class TeacherResult:
     dim: int
     shards: int
     cache_dir: Path
+    repaired: int = 0
 
     def summary(self) -> str:
-        return (f"teacher cache: {self.encoded} sentences encoded, {self.reused} reused "
+        repaired = f" ({self.repaired} replacing cached rows that failed their check)" if self.repaired else ""
+        return (f"teacher cache: {self.encoded} sentences encoded{repaired}, {self.reused} reused "
                 f"({self.shards} shards, {self.encoded_here} encoded by this process)")
 
 
@@ -87,14 +90,14 @@ def run_teacher(params: Params, show_progress: bool = True) -> TeacherResult:
     t, paths = params.teacher, params.paths
     corpus = read_corpus_file(paths)
     cache = teacher_cache(paths, t.model)
-    missing = len(cache.missing(corpus))
+    missing, repaired = len(cache.missing(corpus)), len(cache.failing(corpus))
     load = teacher_loader(t.model, t.resolved_device(), show_progress=show_progress)
     here = sum(encode_shard(corpus, cache.directory, paths.teacher_shards, cache.model_name, spec, load,
                             batch_size=t.batch_size).encoded for spec in all_shards(t.shards))
     merge_shards(cache.directory, paths.teacher_shards, cache.model_name, t.shards, sentences=corpus)
     merged = teacher_cache(paths, t.model)
     return TeacherResult(encoded=missing, reused=len(set(corpus)) - missing, encoded_here=here, rows=len(corpus),
-                         dim=int(merged.dim or 0), shards=t.shards, cache_dir=merged.directory)
+                         dim=int(merged.dim or 0), shards=t.shards, cache_dir=merged.directory, repaired=repaired)
 
 
 def run_teacher_shard(params: Params, spec: ShardSpec, threads: int | None = None,

@@ -1,20 +1,28 @@
 """A folder of teacher embeddings keyed by the sha256 of each sentence's text, grown incrementally.
 
-Layout: ``embeddings.npy`` (float32, one row per sentence), ``index.parquet`` (``sha256`` -> ``row``)
-and ``meta.json`` (``model``, ``dim``, ``count``, encoder settings).
+Layout: ``embeddings.npy`` (float32, one row per sentence), ``index.parquet`` (``sha256`` -> ``row``,
+and ``row_sha256``: :func:`row_check` of the key and the row's vector) and ``meta.json`` (``model``, ``dim``,
+``count``, encoder settings).
 
-Writes are crash-safe: rows are only ever appended, each file is replaced atomically (temporary
-file + rename, :func:`mixsp_core.io.replacing_file`), and ``meta.json`` is written last. Its ``count``
-says how many leading rows of the other two files are committed, so a run killed between two
+A cached row is reused only when it is finite and its ``row_sha256`` matches its key and vector, so a NaN
+row, a bit flip or two swapped keys in the index are never served: such rows count as missing, are
+re-encoded and rewritten in place (``CacheStats.repaired``). Rows of a cache written before ``row_sha256``
+was recorded have no check and are re-encoded the same way when next needed (the cache heals row by row).
+
+Writes are crash-safe: rows are appended (or a failing row rewritten), each file is replaced atomically
+(temporary file + rename, :func:`mixsp_core.io.replacing_file`), and ``meta.json`` is written last. Its
+``count`` says how many leading rows of the other two files are committed, so a run killed between two
 replacements leaves the previous state readable (the extra trailing rows are ignored and overwritten by
-the next write).
+the next write; a rewritten row whose new check did not land fails its old one and is encoded again).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,8 +35,11 @@ from mixsp_core.errors import DataError
 from mixsp_core.io import exclusive_lock, replacing_file, sha256_file, sha256_text, write_json_atomic
 from mixsp_core.paths import WEIGHTS_FILE
 
+log = logging.getLogger(__name__)
+
 EMBEDDINGS = "embeddings.npy"
 INDEX = "index.parquet"
+ROW_CHECK = "row_sha256"  # index column binding each key to its row's vector (see row_check)
 META = "meta.json"
 LOCK = ".lock"  # serialises writers of one cache across processes (POSIX advisory lock)
 FINETUNED_TEACHER_FILE = "mixsp_teacher.json"  # marks a teacher folder written by teacher.finetune.export_teacher
@@ -45,15 +56,33 @@ class SentenceEncoder(Protocol):
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Distinct sentences of one ``encode`` call served from the cache and newly encoded."""
+    """Distinct sentences of one ``encode`` call served from the cache and newly encoded; ``repaired`` of the
+    encoded ones had a cached row that failed its check (NaN, key / vector mismatch, no check recorded)."""
 
     reused: int
     encoded: int
+    repaired: int = 0
 
 
 def sentence_key(sentence: str) -> str:
     """The cache key: hex sha256 of the sentence's UTF-8 text (exact text, no normalisation)."""
     return sha256_text(sentence)
+
+
+def row_check(key: str, vector: np.ndarray) -> str:
+    """The ``row_sha256`` of a cache row: hex sha256 of the key's text, a NUL byte and the row's float32
+    little-endian bytes. It ties the key to the vector, so swapped keys or changed bytes no longer match."""
+    data = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+    return hashlib.sha256(key.encode("utf-8") + b"\0" + data).hexdigest()
+
+
+def _check_finite_rows(vectors: np.ndarray, labels: Sequence[str], where: Path) -> None:
+    """Refuse to cache vectors with NaN / inf (``labels``: the sentences or keys of the rows, for the message)."""
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise DataError(where, f"the teacher gave NaN or infinite vectors for {len(bad)} of {len(vectors)} "
+                               f"sentences (e.g. {labels[int(bad[0])]!r}); nothing was cached: check the "
+                               "teacher's weights and precision")
 
 
 # Caches written before precision / quantize were recorded were encoded in fp32 without quantisation.
@@ -116,6 +145,9 @@ class TeacherCache:
         self.model_name = str(model_name)
         self.meta: dict[str, Any] | None = None
         self._rows: dict[str, int] = {}
+        self._keys: list[str] = []  # row order
+        self._checks: list[str | None] = []  # row_sha256 per row (None: not recorded, an older cache)
+        self._trusted: dict[int, bool] = {}  # rows verified so far (lazily: only rows asked for are read)
         self._load()
 
     # ------------------------------------------------------------------ reading
@@ -136,7 +168,10 @@ class TeacherCache:
         return len(self._rows)
 
     def __contains__(self, sentence: object) -> bool:
-        return isinstance(sentence, str) and sentence_key(sentence) in self._rows
+        """True when ``sentence`` has a cached row that passes its check."""
+        if not isinstance(sentence, str) or sentence_key(sentence) not in self._rows:
+            return False
+        return not self._untrusted_rows([self._rows[sentence_key(sentence)]])
 
     @property
     def dim(self) -> int | None:
@@ -145,7 +180,7 @@ class TeacherCache:
 
     def _load(self) -> None:
         """Read and check ``meta.json`` and the index (embeddings are memory-mapped on demand)."""
-        self.meta, self._rows = None, {}
+        self.meta, self._rows, self._keys, self._checks, self._trusted = None, {}, [], [], {}
         meta_path = self.path_meta
         if not meta_path.exists():
             leftovers = [p.name for p in (self.path_embeddings, self.path_index) if p.exists()]
@@ -170,9 +205,12 @@ class TeacherCache:
         if count == 0:
             return
         try:
-            index = pd.read_parquet(self.path_index, columns=["sha256", "row"])
+            index = pd.read_parquet(self.path_index)
         except Exception as err:  # noqa: BLE001 - pyarrow raises several types for bad files
             raise DataError(self.path_index, f"unreadable teacher-cache index: {err}") from err
+        lacking = [c for c in ("sha256", "row") if c not in index.columns]
+        if lacking:
+            raise DataError(self.path_index, f"unreadable teacher-cache index: no column {', '.join(lacking)}")
         if len(index) < count:
             raise DataError(self.path_index, f"holds {len(index)} rows, but {META} records {count}")
         index = index.iloc[:count]
@@ -186,7 +224,10 @@ class TeacherCache:
                 self.path_embeddings,
                 f"array {emb.dtype}{emb.shape} does not fit {META} (float32, >= {count} rows x {meta['dim']})",
             )
-        self._rows = dict(zip(index["sha256"].tolist(), range(count)))
+        self._keys = index["sha256"].tolist()
+        self._rows = dict(zip(self._keys, range(count)))
+        checks = index[ROW_CHECK].tolist() if ROW_CHECK in index.columns else [None] * count
+        self._checks = [c if isinstance(c, str) else None for c in checks]
 
     def _embeddings(self) -> np.ndarray:
         try:
@@ -195,7 +236,8 @@ class TeacherCache:
             raise DataError(self.path_embeddings, f"unreadable embeddings array: {err}") from err
 
     def lookup(self, sentences: Sequence[str]) -> np.ndarray:
-        """Cached rows (n, dim) float32 aligned with ``sentences``; KeyError if any is not cached."""
+        """Cached rows (n, dim) float32 aligned with ``sentences``; KeyError if any is not cached, DataError
+        naming index.parquet if any cached row fails its check (:meth:`encode` re-encodes those)."""
         sentences = check_sentences(sentences)
         keys = [sentence_key(s) for s in sentences]
         missing = [s for s, k in zip(sentences, keys) if k not in self._rows]
@@ -204,19 +246,56 @@ class TeacherCache:
         if not keys:
             return np.zeros((0, self.dim or 0), dtype=np.float32)
         rows = np.fromiter((self._rows[k] for k in keys), dtype=np.int64, count=len(keys))
+        bad = self._untrusted_rows(rows.tolist())
+        if bad:
+            raise DataError(self.path_index, f"{len(bad)} cached rows fail their check (NaN values, a key that does "
+                                             f"not match its vector, or no {ROW_CHECK} recorded); encode with the "
+                                             "teacher to re-encode them")
         return np.asarray(self._embeddings()[rows], dtype=np.float32)
+
+    def _untrusted_rows(self, rows: Iterable[int]) -> set[int]:
+        """Those of ``rows`` whose vector is not finite or does not match its ``row_sha256`` (or has none).
+        Each row is read and hashed once per load of the index; what fails is logged once."""
+        rows = list(rows)
+        todo = sorted({r for r in rows if r not in self._trusted})
+        failed = {"with NaN or infinite values": 0, "whose key does not match its vector": 0,
+                  f"without {ROW_CHECK} (written by an older version)": 0}
+        reasons = list(failed)
+        if todo:
+            emb = self._embeddings()
+            for start in range(0, len(todo), _COPY_ROWS):
+                chunk = todo[start : start + _COPY_ROWS]
+                block = np.asarray(emb[chunk], dtype=np.float32)
+                for row, vector, finite in zip(chunk, block, np.isfinite(block).all(axis=1)):
+                    check = self._checks[row]
+                    reason = (reasons[0] if not finite else reasons[2] if check is None
+                              else reasons[1] if check != row_check(self._keys[row], vector) else None)
+                    self._trusted[row] = reason is None
+                    if reason is not None:
+                        failed[reason] += 1
+        if any(failed.values()):
+            detail = ", ".join(f"{n} {why}" for why, n in failed.items() if n)
+            log.warning("%s: cached rows fail their check (%s): not reused, re-encoded", self.path_index, detail)
+        return {r for r in rows if not self._trusted[r]}
 
     # ------------------------------------------------------------------ writing
 
     def missing(self, sentences: Sequence[str]) -> list[str]:
-        """The distinct sentences not cached yet, in first-seen order (empty: no encoder needed)."""
+        """The distinct sentences not cached yet, or whose cached row fails its check, in first-seen order
+        (empty: no encoder needed)."""
         return list(self._unseen(check_sentences(sentences)).values())
 
+    def failing(self, sentences: Sequence[str]) -> list[str]:
+        """The distinct sentences of ``sentences`` that have a cached row failing its check (to re-encode)."""
+        return [s for k, s in self._unseen(check_sentences(sentences)).items() if k in self._rows]
+
     def _unseen(self, sentences: list[str]) -> dict[str, str]:
+        """``{key: sentence}`` of the distinct sentences without a cached row that passes its check."""
+        keys = [sentence_key(s) for s in sentences]
+        bad = self._untrusted_rows(self._rows[k] for k in set(keys) if k in self._rows)
         new: dict[str, str] = {}
-        for s in sentences:
-            k = sentence_key(s)
-            if k not in self._rows and k not in new:
+        for s, k in zip(sentences, keys):
+            if k not in new and (k not in self._rows or self._rows[k] in bad):
                 new[k] = s
         return new
 
@@ -242,6 +321,7 @@ class TeacherCache:
         with exclusive_lock(self.directory / LOCK):
             self._load()  # another process may have grown the cache meanwhile
             new = self._unseen(sentences)
+            repaired = sum(1 for k in new if k in self._rows)
             distinct = len({sentence_key(s) for s in sentences})
             if new and encoder is None:
                 raise ValueError(f"{len(new)} sentences are not in {self.directory} and no encoder was given")
@@ -255,8 +335,9 @@ class TeacherCache:
                 vectors = np.asarray(encoder.encode(list(new.values()), **kwargs), dtype=np.float32)
                 if vectors.shape != (len(new), int(encoder.dim)):
                     raise ValueError(f"encoder returned shape {vectors.shape}, expected {(len(new), encoder.dim)}")
+                _check_finite_rows(vectors, list(new.values()), self.directory)
                 self._append(list(new), vectors, int(encoder.dim), settings)
-        stats = CacheStats(reused=distinct - len(new), encoded=len(new))
+        stats = CacheStats(reused=distinct - len(new), encoded=len(new), repaired=repaired)
         return self.lookup(sentences), stats
 
     def add(self, keys: Sequence[str], vectors: np.ndarray, settings: dict[str, Any]) -> int:
@@ -265,7 +346,8 @@ class TeacherCache:
 
         ``keys`` are :func:`sentence_key` values aligned with the rows of ``vectors`` (n, dim); ``settings``
         the encoder's (:func:`encoder_settings`), which, like the width, must match the cache's. Keys already
-        cached are skipped. One atomic commit under the cache lock: on error the cache is unchanged.
+        cached are skipped, unless their row fails its check (then it is replaced); NaN / inf rows are refused.
+        One atomic commit under the cache lock: on error the cache is unchanged.
         """
         keys = list(keys)
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -276,12 +358,15 @@ class TeacherCache:
             if not keys:
                 return 0
             self._check_encoder(int(vectors.shape[1]), settings)
+            bad = self._untrusted_rows(self._rows[k] for k in set(keys) if k in self._rows)
             fresh: dict[str, int] = {}
             for row, key in enumerate(keys):
-                if key not in self._rows and key not in fresh:
+                if key not in fresh and (key not in self._rows or self._rows[key] in bad):
                     fresh[key] = row
             if fresh:
-                self._append(list(fresh), vectors[list(fresh.values())], int(vectors.shape[1]), settings)
+                rows = vectors[list(fresh.values())]
+                _check_finite_rows(rows, list(fresh), self.directory)
+                self._append(list(fresh), rows, int(vectors.shape[1]), settings)
         return len(fresh)
 
     def _check_encoder(self, dim: int, settings: dict[str, Any]) -> None:
@@ -296,28 +381,41 @@ class TeacherCache:
                             "the cache's settings, or use another cache directory (or delete this one)")
 
     def _append(self, keys: list[str], vectors: np.ndarray, dim: int, settings: dict[str, Any]) -> None:
+        """Commit ``vectors`` for ``keys``: new keys appended, keys already cached (rows that failed their
+        check) rewritten in place; every written row gets its ``row_sha256``."""
         self.directory.mkdir(parents=True, exist_ok=True)
         old = len(self._rows)
+        rewrite = [(self._rows[k], i) for i, k in enumerate(keys) if k in self._rows]
+        appended = [i for i, k in enumerate(keys) if k not in self._rows]
         meta = {"model": self.model_name, "dim": dim, "count": old, "encoder": settings}
         if self.meta is None:
             # Claim the folder for this model before any data lands, so a crash leaves a valid empty cache.
             write_json_atomic(self.path_meta, meta)
-        total = old + len(keys)
+        total = old + len(appended)
         with replacing_file(self.path_embeddings) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
             if old:
                 src = self._embeddings()
                 for start in range(0, old, _COPY_ROWS):
                     out[start : min(old, start + _COPY_ROWS)] = src[start : min(old, start + _COPY_ROWS)]
-            out[old:] = vectors
+            for row, i in rewrite:
+                out[row] = vectors[i]
+            out[old:] = vectors[appended]
             out.flush()
             del out
-        all_keys = list(self._rows) + keys  # dicts keep insertion order = row order
-        index = pd.DataFrame({"sha256": all_keys, "row": np.arange(total, dtype=np.int64)})
+        all_keys = self._keys + [keys[i] for i in appended]
+        checks = self._checks + [None] * len(appended)
+        written = rewrite + [(old + j, i) for j, i in enumerate(appended)]
+        for row, i in written:
+            checks[row] = row_check(keys[i], vectors[i])
+        index = pd.DataFrame({"sha256": all_keys, "row": np.arange(total, dtype=np.int64),
+                              ROW_CHECK: pd.Series(checks, dtype=object)})
         with replacing_file(self.path_index) as tmp:
             index.to_parquet(tmp, index=False)
         meta["count"] = total
         write_json_atomic(self.path_meta, meta)  # the commit point
         self.meta = meta
-        self._rows.update((k, old + i) for i, k in enumerate(keys))
+        self._keys, self._checks = all_keys, checks
+        self._rows.update((keys[i], old + j) for j, i in enumerate(appended))
+        self._trusted.update((row, True) for row, _ in written)
 

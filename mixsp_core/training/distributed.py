@@ -1,7 +1,7 @@
 """Data-parallel training across processes (``torchrun``): process group, batch sharding, gathering.
 
-``run_training`` calls :func:`setup` once. Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment)
-it joins the process group (NCCL on CUDA, gloo on CPU) and each rank takes its contiguous slice of every
+``run_training`` calls :func:`setup` once. Under ``torchrun`` (any ``--nproc_per_node``, one included:
+that runs the NCCL path on a single GPU) it joins the process group (NCCL on CUDA, gloo on CPU) and each rank takes its contiguous slice of every
 global batch (:meth:`DistContext.shard`). The loss is computed on the *global* batch: each rank gathers
 the others' embeddings (:meth:`DistContext.gather`; its own slice keeps its gradient), so CoSENT ranks all
 pairs of the global batch and InfoNCE sees every rank's in-batch negatives, exactly as one process with
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -56,10 +57,11 @@ class DistContext:
     local_rank: int = 0
     device: torch.device | None = None
     owns_group: bool = False
+    in_group: bool = False  # a process group is joined (also with one process, under torchrun)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.in_group or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -121,25 +123,33 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
+        # No buffer sync per forward (the student's buffers are constants). torch 2.13 renamed the
+        # argument and deprecated the old name; older torch (>= 2.2 is supported) knows only the old one.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
         # find_unused_parameters: the encoder's pooler feeds nothing in the bi student
-        return DDP(model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=True)
+        return DDP(model, device_ids=ids, find_unused_parameters=True, **no_sync)
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (torch.distributed.elastic) started this process, whatever its process count."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or env_world_size() > 1
+
+
 def setup(device: torch.device) -> DistContext:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single-process context.
+    """Join the process group when launched by torchrun, else a single-process context.
 
     ``device``: the configured device; on CUDA each rank takes ``cuda:LOCAL_RANK``. A group that already
     exists (created by the caller) is used as is.
     """
-    world = env_world_size()
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+    if not launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
         return DistContext(device=device)
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        raise RuntimeError("launched by torchrun but this torch build has no torch.distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -149,7 +159,7 @@ def setup(device: torch.device) -> DistContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=_TIMEOUT)
         owns = True
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns, in_group=True)
 
 
 def weights_digest(model: nn.Module) -> str:
