@@ -21,7 +21,9 @@
 Exit status: 0 done; 1 the command ran and its check said no (`validate` on invalid data, a failing data
 validation, the model gate of `promote`); 2 a user error (a bad option, config value, input file or model
 folder, a failed write), printed as one line `mixsp <cmd>: error: ...`; `--debug` adds the traceback.
-Files named by `encode --output` / `evaluate --json` are written atomically, exactly there.
+Files named by `encode --output` / `evaluate --json` are written atomically, exactly there. A command that
+writes an output another process is writing (a stage's output, `--out DIR`) is refused at once, exit 2,
+naming that process (mixsp_core.io.output_lock).
 """
 
 from __future__ import annotations
@@ -285,12 +287,15 @@ def _grid(args: argparse.Namespace, pairs) -> int:
     spec = GridSpec(layers=args.layers, dims=args.dims_grid,
                     vector_types=args.vector_types.split(","), dim_method=args.dim_method,
                     batch_size=args.batch_size)
-    embedder = _load(args.model, args.device, None, _inference(args))
-    result = run_grid(embedder, pairs, corpus[: args.fit_sentences], spec, model=args.model)
-    print(result.to_markdown())
-    out = result.write(output_dir, "grid")
-    if json_path is not None:
-        result.save_json(json_path)
+    from mixsp_core.io import output_lock
+
+    with output_lock(output_dir, "mixsp evaluate --grid"):  # data/reports by default: the evaluate stage's
+        embedder = _load(args.model, args.device, None, _inference(args))
+        result = run_grid(embedder, pairs, corpus[: args.fit_sentences], spec, model=args.model)
+        print(result.to_markdown())
+        out = result.write(output_dir, "grid")
+        if json_path is not None:
+            result.save_json(json_path)
     print("\n".join(f"{kind}: {path}" for kind, path in out.items()))
     return 0
 
@@ -343,9 +348,12 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from mixsp_core.io import output_lock, sweep_leftovers
     from mixsp_core.models.onnx_export import export_onnx
 
-    out = export_onnx(args.model, args.out, int8=args.int8)
+    with output_lock(Path(args.out), "mixsp export"):
+        sweep_leftovers(Path(args.out))
+        out = export_onnx(args.model, args.out, int8=args.int8)
     print(f"exported {args.model} -> {out} (onnx{', int8 weights too' if args.int8 else ''})")
     return 0
 

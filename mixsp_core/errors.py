@@ -35,3 +35,13 @@ class CheckpointError(MixSPError, ValueError):
 class HistoryError(MixSPError, RuntimeError):
     """A run that cannot be versioned or brought back: a DVC or git command that failed (its message
     included), or a run id / commit that names no recorded dvc.lock."""
+
+
+class OutputBusyError(MixSPError, RuntimeError):
+    """An output that another live process is writing (it holds the output's lock,
+    :func:`mixsp_core.io.output_lock`). ``holder``: what that process recorded in the lock file (pid, host,
+    command, started, what); empty when it could not be read or was stale."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        self.holder = dict(holder or {})
+        super().__init__(message)

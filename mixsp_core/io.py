@@ -5,19 +5,35 @@ filled in a work directory beside the target and swapped in at the end. Either w
 write never leaves a half-made artifact in place of a good one, and no temporary is left behind (short of
 a hard kill). What lands is group/world readable, files 0644 and directories 0755, because artifacts are
 meant to be shared (``mkstemp`` / ``mkdtemp`` create 0600 / 0700).
+
+One writer per output: a stage holds :func:`output_lock` on its output while it writes it, so a second
+writer (another CLI run, the Dagster asset, the DVC stage) is refused at once, naming the holder, instead
+of mixing its files with the first one's. Under that lock :func:`sweep_leftovers` clears what hard-killed
+writes left behind (``.*.partial`` work directories, a swap cut short, see :func:`repair_swap`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import hashlib
 import json
+import logging
 import os
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from mixsp_core.errors import OutputBusyError
+
+log = logging.getLogger(__name__)
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -82,12 +98,53 @@ def share_tree(root: str | os.PathLike[str]) -> None:
                 os.chmod(file, FILE_MODE)
 
 
+def old_path(target: str | os.PathLike[str]) -> Path:
+    """Where :func:`replace_dir` moves ``target`` aside during a swap: ``.<name>.old`` beside it."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.old")
+
+
+def _remove(path: Path) -> None:
+    """Remove the file, link or directory tree ``path`` (whatever is left of it)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def repair_swap(target: str | os.PathLike[str]) -> bool:
+    """Finish a :func:`replace_dir` swap that a kill cut short. Killed between its two renames, it left
+    ``target`` missing and the previous version at ``.<name>.old``: that is renamed back (with a warning),
+    so a training run still resumes from its ``last/``. Killed after the swap, both exist: the ``.old`` is
+    removed. Returns True when ``target`` was put back."""
+    target = Path(target)
+    old = old_path(target)
+    if not os.path.lexists(old):
+        return False
+    if os.path.lexists(target):
+        _remove(old)
+        return False
+    try:
+        os.replace(old, target)
+    except FileNotFoundError:  # another process put it back first
+        return False
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):  # a writer made a new target meanwhile
+            return False
+        raise
+    log.warning("%s: put back from %s, left by a replacement that was interrupted", target, old.name)
+    return True
+
+
 def replace_dir(work: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """Make the finished directory ``work`` shared (:func:`share_tree`) and rename it over ``target``
-    (the old one is moved aside first and removed after the swap)."""
+    (the old one is moved aside first and removed after the swap). A swap an earlier kill cut short is
+    finished first (:func:`repair_swap`), so the previous version is never lost."""
     work, target = Path(work), Path(target)
     share_tree(work)
-    old = target.with_name(f".{target.name}.old")
+    old = old_path(target)
+    repair_swap(target)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
@@ -128,6 +185,175 @@ def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# -- one writer per output ---------------------------------------------------------------------------
+
+# Lock files this process holds: path -> (thread ident, fd, token). A thread that already holds an
+# output's lock may take it again (a stage locks its output, then the training loop inside it locks the
+# same run directory); flock itself would refuse the second open of the file, even in one process.
+_held: dict[str, tuple[int, int, object]] = {}
+_held_guard = threading.Lock()
+
+
+def _forget_held_locks() -> None:
+    """In a forked child: close the inherited lock descriptors (never unlock them: that would release the
+    parent's lock) so the child neither keeps an output locked after its parent dies nor thinks it holds it."""
+    for entry in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(entry[1])
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held_locks)
+
+
+def lock_path(target: str | os.PathLike[str]) -> Path:
+    """The lock file of the output ``target``: ``.<name>.lock`` beside it (a hidden sibling, not inside it,
+    so a DVC-tracked output directory is not changed by it)."""
+    target = Path(os.path.realpath(target))  # two spellings of one output share its lock
+    return target.with_name(f".{target.name}.lock")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def read_holder(lock: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the holder of ``lock`` recorded in it (pid, host, command, started, what); ``{}`` when nothing
+    readable is there or the record is stale (its pid is dead on this host: the flock, not the file, says
+    who holds the lock; a new holder may not have written its record yet)."""
+    try:
+        holder = json.loads(Path(lock).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(holder, dict):
+        return {}
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+        return {}
+    return holder
+
+
+def _busy_message(target: Path, what: str, lock: Path, holder: dict[str, Any]) -> str:
+    if holder:
+        by = (f"{holder.get('what') or 'a writer'}: pid {holder.get('pid')} on {holder.get('host')}, "
+              f"started {holder.get('started')}, command: {holder.get('command')}")
+    else:
+        by = "a process that has not recorded itself yet"
+    text = (f"{target}: is being written by another process ({by}); {what} refused, nothing written. "
+            f"Wait for it to finish or write elsewhere (lock file {lock})")
+    return text.replace("\n", " ")
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike[str], what: str) -> Iterator[Path]:
+    """Hold the advisory lock of the output ``target`` (a file or directory, made or not) for the block, or
+    raise :class:`OutputBusyError` at once when another process holds it, naming that process (pid, host,
+    command line, start time, read from the lock file it wrote). ``what``: this writer, e.g. ``compress
+    stage``. Yields the lock file (:func:`lock_path`).
+
+    The lock is ``fcntl.flock`` on the lock file: the kernel drops it when its holder dies, however it
+    dies, so a killed writer never blocks the next one (the pid left in the file is not trusted). A thread
+    may nest locks of the same output; another thread or process is refused. Without POSIX ``fcntl`` it
+    does not lock: writers then rely on the atomic renames alone."""
+    target = Path(target)
+    lock = lock_path(target)
+    key, me = str(lock), threading.get_ident()
+    with _held_guard:
+        entry = _held.get(key)
+    if entry is not None and entry[0] == me:  # nested in this thread's own lock: the outer block releases it
+        yield lock
+        return
+    try:
+        import fcntl
+    except ImportError:
+        yield lock
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        holder = read_holder(lock)
+        raise OutputBusyError(_busy_message(target, what, lock, holder), holder) from None
+    token = object()
+    with _held_guard:
+        _held[key] = (me, fd, token)
+    try:
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "command": shlex.join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+                                         *sys.argv[1:]]),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "what": what}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        yield lock
+    finally:
+        with _held_guard:
+            mine = _held.get(key, (None, None, None))[2] is token
+            if mine:
+                del _held[key]
+        if mine:  # not in a forked child, whose copy of the descriptor is closed already
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no stale record for the next reader
+            os.close(fd)  # releases the lock
+
+
+def _is_partial(name: str) -> bool:
+    """A :func:`writing_dir` work directory (``.<name>.<random>.partial``)."""
+    return name.startswith(".") and name.endswith(".partial")
+
+
+def sweep_leftovers(root: str | os.PathLike[str], depth: int = 2) -> list[Path]:
+    """Clear what hard-killed writes left in and beside the output ``root``: :func:`writing_dir` work
+    directories (``.*.partial``) are removed; a :func:`replace_dir` swap cut short (``.<name>.old``) is
+    finished by :func:`repair_swap` (put back over a missing ``<name>``, else removed). Looks ``depth``
+    folders deep (a run's ``snapshots/`` sit one below its root). Returns the leftovers it dealt with.
+
+    Call it only while holding ``root``'s :func:`output_lock`: a live writer's work directory looks the
+    same as a dead one's."""
+    root = Path(os.path.abspath(root))  # "." has no name to match its siblings by
+    found: list[Path] = []
+
+    def visit(folder: Path, level: int, only: str | None) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            name, path = entry.name, Path(entry.path)
+            if only is not None and not name.startswith(only):
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if _is_partial(name):
+                shutil.rmtree(path, ignore_errors=True)
+                found.append(path)
+            elif name.startswith(".") and name.endswith(".old") and len(name) > len("..old"):
+                repair_swap(folder / name[1:-len(".old")])
+                found.append(path)
+            elif only is None and level < depth:
+                visit(path, level + 1, None)
+
+    visit(root.parent, depth, f".{root.name}.")  # root's own work directories and swap, beside it
+    if root.is_dir() and not root.is_symlink():
+        visit(root, 0, None)
+    if found:
+        log.warning("%s: cleared %d leftovers of interrupted writes: %s", root, len(found),
+                    ", ".join(str(p.relative_to(root.parent)) for p in found))
+    return found
 
 
 # -- hashes ----------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixsp_core.io import repair_swap
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -65,6 +67,12 @@ class RunDir:
 
     def snapshot(self, step: int) -> Path:
         return self.snapshots / f"step-{step}"
+
+    def repair(self) -> list[Path]:
+        """Put back ``best/``, ``last/`` and ``start/`` where a kill between the two renames of a checkpoint
+        swap left only their ``.<name>.old`` (:func:`mixsp_core.io.repair_swap`), before they are read or
+        resumed; returns those put back."""
+        return [folder for folder in (self.best, self.last, self.start) if repair_swap(folder)]
 
     def snapshot_dirs(self) -> list[tuple[int, Path]]:
         """``(step, dir)`` of the saved snapshots, by step."""

@@ -17,7 +17,7 @@ from mixsp_core.training.config import config_from_dict
 from mixsp_core.training.loop import run_training
 from mixsp_core.training.objective import Objective
 from mixsp_core.training.resume import can_resume, resume_state
-from tests.train_helpers import one_thread, small_pairs, tiny_config
+from tests.train_helpers import Interrupt, StopAt, one_thread, small_pairs, tiny_config
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -75,30 +75,13 @@ def test_same_seed_same_run(tiny_bert_dir, pairs, tmp_path):
     assert tracker.series("train/loss") != runs[0].series("train/loss")
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _StopAt(NullTracker):
-    """Raises while logging step ``at``: an interruption after the step-4 checkpoint was written."""
-
-    def __init__(self, at: int):
-        super().__init__()
-        self.at = at
-
-    def log_metrics(self, metrics, step):
-        if step == self.at:
-            raise _Interrupt
-        super().log_metrics(metrics, step)
-
-
 def test_resume_continues_from_the_saved_step(tiny_bert_dir, pairs, tmp_path):
     config = tiny_config(tiny_bert_dir)  # 8 steps, a checkpoint every 4
     full = NullTracker()
     run_training(config, pairs, out_dir=tmp_path / "full", tracker=full, show_progress=False)
 
-    with pytest.raises(_Interrupt):
-        run_training(config, pairs, out_dir=tmp_path / "cut", tracker=_StopAt(6), show_progress=False)
+    with pytest.raises(Interrupt):
+        run_training(config, pairs, out_dir=tmp_path / "cut", tracker=StopAt(6), show_progress=False)
     resumed = NullTracker()
     result = run_training(config, pairs, out_dir=tmp_path / "cut", tracker=resumed, show_progress=False)
     steps = [s for s, _ in resumed.series("train/loss")]
@@ -122,8 +105,8 @@ def test_can_resume_only_an_interrupted_run_of_the_same_config(tiny_bert_dir, pa
     config = tiny_config(tiny_bert_dir)  # 8 steps, a checkpoint every 4
     run = RunDir(tmp_path / "r")
     assert not can_resume(config, run) and resume_state(config, run) is None  # nothing saved yet
-    with pytest.raises(_Interrupt):
-        run_training(config, pairs, out_dir=run.root, tracker=_StopAt(6), show_progress=False)
+    with pytest.raises(Interrupt):
+        run_training(config, pairs, out_dir=run.root, tracker=StopAt(6), show_progress=False)
     assert can_resume(config, run)
     # resume-free settings (how the run executes) and tracking.* may change
     assert can_resume(tiny_config(tiny_bert_dir, train={"log_every": 2, "eval_batch_size": 8},

@@ -8,6 +8,7 @@ import pandas as pd
 
 from mixsp_core.data.senteval import read_sick_file, read_stsb_file
 from mixsp_core.data.table import concat_pairs
+from mixsp_core.tracking.tracker import NullTracker
 from mixsp_core.training.config import config_from_dict
 
 
@@ -48,3 +49,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Interrupt(Exception):
+    """What :class:`StopAt` raises: a run cut short."""
+
+
+class StopAt(NullTracker):
+    """Raises :class:`Interrupt` while logging step ``at``: an interruption after that step's checkpoint."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def log_metrics(self, metrics, step):
+        if step == self.at:
+            raise Interrupt
+        super().log_metrics(metrics, step)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mixsp_core.errors import CheckpointError
-from mixsp_core.io import write_json_atomic
+from mixsp_core.io import output_lock, repair_swap, sweep_leftovers, write_json_atomic
 from mixsp_core.params import Params
 from mixsp_core.progress import stage_progress
 from mixsp_core.stages.prepare import corpus_sample
@@ -36,12 +36,22 @@ def variant_name(spec: str) -> str:
 
 @stage_progress("compress")  # one progress bar for the stage's encode calls
 def run_compress(params: Params) -> CompressResult:
-    """Fit each ``compress.variants`` chain on corpus embeddings of ``models/student/best`` and save it."""
+    """Fit each ``compress.variants`` chain on corpus embeddings of ``models/student/best`` and save it.
+    Refused at once (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes
+    ``models/compressed``."""
+    with output_lock(params.paths.compressed, "compress stage"):
+        sweep_leftovers(params.paths.compressed)
+        return _compress(params)
+
+
+def _compress(params: Params) -> CompressResult:
+    """The body of :func:`run_compress`, under the output's lock."""
     from mixsp_core.compress import TransformChain, make_step, write_compressed_model
     from mixsp_core.models.checkpoint import load_embedder
 
     sp, paths = params.compress, params.paths
     source = paths.student.best
+    repair_swap(source)  # a best/ that a kill mid-swap left as .best.old
     if not source.is_dir():
         raise CheckpointError(f"{source}: no student checkpoint yet; run the train stage first")
     started = time.perf_counter()

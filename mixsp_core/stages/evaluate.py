@@ -15,7 +15,7 @@ import pandas as pd
 
 from mixsp_core.errors import CheckpointError
 from mixsp_core.evaluate.sts import DEV_TASKS, evaluate_embedder
-from mixsp_core.io import write_json_atomic, write_text_atomic
+from mixsp_core.io import output_lock, repair_swap, sweep_leftovers, write_json_atomic, write_text_atomic
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.progress import stage_progress
@@ -47,6 +47,8 @@ def pipeline_variants(paths: PipelinePaths) -> dict[str, Path]:
         found.update({f"compressed/{p.name}": p for p in sorted(paths.compressed.iterdir())
                       if p.is_dir() and not p.name.startswith(".")})
     found["merged"] = paths.merged_model
+    for path in found.values():
+        repair_swap(path)  # a model that a kill mid-swap left as .<name>.old
     missing = [str(p) for p in found.values() if not p.is_dir()]
     if missing:
         raise CheckpointError(f"{missing[0]}: missing; run the earlier stages first")
@@ -55,7 +57,15 @@ def pipeline_variants(paths: PipelinePaths) -> dict[str, Path]:
 
 @stage_progress("evaluate")  # one progress bar for the stage's encode calls
 def run_evaluate(params: Params, target: RunTarget | None = None) -> dict[str, Any]:
-    """Every variant on dev, the best chosen, the grid of the best full-precision model; returns the report."""
+    """Every variant on dev, the best chosen, the grid of the best full-precision model; returns the report.
+    Refused at once (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes ``reports/``."""
+    with output_lock(params.paths.reports, "evaluate stage"):
+        sweep_leftovers(params.paths.reports)
+        return _evaluate(params, target)
+
+
+def _evaluate(params: Params, target: RunTarget | None) -> dict[str, Any]:
+    """The body of :func:`run_evaluate`, under the lock of ``reports/``."""
     from mixsp_core.evaluate.grid import GridSpec, run_grid
     from mixsp_core.models.checkpoint import load_embedder
 

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from mixsp_core.errors import CheckpointError, ConfigError
-from mixsp_core.io import replace_dir, write_json_atomic
+from mixsp_core.io import output_lock, replace_dir, sweep_leftovers, write_json_atomic
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths, RunDir
 from mixsp_core.progress import stage_progress
@@ -43,6 +43,7 @@ def merge_inputs(run: RunDir) -> tuple[list[Path], str, str]:
     from mixsp_core.models.checkpoint import has_weights  # torch: not when the module is imported
     from mixsp_core.training.config import load_config
 
+    run.repair()  # best/, last/, start/ that a kill mid-swap left as .<name>.old
     snaps = run.snapshot_dirs()
     checkpoints = [p for step, p in snaps if step > 0]
     starts = [p for p in [run.start] if has_weights(p)]
@@ -68,7 +69,8 @@ def merge_keep_best(checkpoints: list, start: str | None, methods: list[str], p:
 
     inputs = {str(c): score(c) for c in checkpoints}
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".candidates-"))
+    # .partial: what a killed merge leaves here is cleared by the next one (io.sweep_leftovers)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.candidates.", suffix=".partial"))
     try:
         scores: dict[str, float] = {}
         records: dict[str, dict[str, Any]] = {}
@@ -88,13 +90,16 @@ def merge_keep_best(checkpoints: list, start: str | None, methods: list[str], p:
 
 @stage_progress("merge")  # one progress bar for the stage's encode calls
 def run_merge(params: Params) -> MergeStageResult:
-    """Each ``merge.methods`` over the student run's snapshots; the best on dev kept."""
+    """Each ``merge.methods`` over the student run's snapshots; the best on dev kept. Refused at once
+    (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes ``models/merged``."""
     sp, paths = params.merge, params.paths
-    checkpoints, start, start_kind = merge_inputs(paths.student)
-    report = merge_keep_best(checkpoints, start, list(sp.methods), sp.p, dev_pairs(paths), sp.batch_size,
-                             paths.merged_model)
-    report["start_kind"] = start_kind
-    write_json_atomic(paths.merged / "merge.json", report, default=str)
+    with output_lock(paths.merged, "merge stage"):
+        sweep_leftovers(paths.merged)
+        checkpoints, start, start_kind = merge_inputs(paths.student)
+        report = merge_keep_best(checkpoints, start, list(sp.methods), sp.p, dev_pairs(paths), sp.batch_size,
+                                 paths.merged_model)
+        report["start_kind"] = start_kind
+        write_json_atomic(paths.merged / "merge.json", report, default=str)
     return MergeStageResult(paths.merged_model, report["best_method"], report["methods"], report["inputs"],
                             start, report)
 
@@ -114,8 +119,10 @@ def run_soup(runs: list[Path], out: Path, paths: PipelinePaths, methods: list[st
             raise CheckpointError(f"{run.root}: no best/ checkpoint with weights; is it a training run directory?")
         checkpoints.append(run.best)
     start = RunDir(runs[0]).start
-    report = merge_keep_best(checkpoints, str(start) if has_weights(start) else None,
-                             methods, p, dev_pairs(paths), batch_size, out)
-    write_json_atomic(out / "soup.json", report, default=str)
+    with output_lock(out, "mixsp soup"):
+        sweep_leftovers(out)
+        report = merge_keep_best(checkpoints, str(start) if has_weights(start) else None,
+                                 methods, p, dev_pairs(paths), batch_size, out)
+        write_json_atomic(out / "soup.json", report, default=str)
     return MergeStageResult(out, report["best_method"], report["methods"], report["inputs"], str(report["start"]),
                             report)

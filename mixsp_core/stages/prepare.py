@@ -15,7 +15,7 @@ import pandas as pd
 from mixsp_core.data.corpus import build_corpus, read_corpus, write_corpus
 from mixsp_core.data.sources import load_pairs
 from mixsp_core.data.validate import ValidationReport, validate_corpus, validate_pairs
-from mixsp_core.io import atomic_write
+from mixsp_core.io import atomic_write, output_lock
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 
@@ -59,22 +59,24 @@ def check_pairs(spec: str) -> tuple[pd.DataFrame, ValidationReport]:
 def run_pairs(params: Params) -> PairsResult:
     """Load ``data.spec``, validate, and write ``pairs.parquet`` only when the suite passes."""
     spec = params.data.resolved_spec()
-    pairs, report = check_pairs(spec)
-    path = None
-    if report.success:
-        path = atomic_write(params.paths.pairs, lambda tmp: pairs.to_parquet(tmp, index=False))
+    with output_lock(params.paths.pairs, "prepare stage (pairs)"):
+        pairs, report = check_pairs(spec)
+        path = None
+        if report.success:
+            path = atomic_write(params.paths.pairs, lambda tmp: pairs.to_parquet(tmp, index=False))
     return PairsResult(spec, pairs, report, path)
 
 
 def run_corpus(params: Params) -> CorpusResult:
     """Build the corpus (training pairs' sentences, then ``data.corpus_files``), validate, write when it passes."""
     files = params.data.resolved_corpus_files()
-    corpus = build_corpus(read_pairs(params.paths), files, max_sentences=params.data.max_corpus_sentences,
-                          seed=params.data.seed)
-    report = validate_corpus(corpus)
-    path = None
-    if report.success:
-        path = write_corpus(corpus, params.paths.corpus)
+    with output_lock(params.paths.corpus, "prepare stage (corpus)"):
+        corpus = build_corpus(read_pairs(params.paths), files, max_sentences=params.data.max_corpus_sentences,
+                              seed=params.data.seed)
+        report = validate_corpus(corpus)
+        path = None
+        if report.success:
+            path = write_corpus(corpus, params.paths.corpus)
     return CorpusResult(files, corpus, report, path)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixsp_core.errors import MixSPError
-from mixsp_core.io import write_json_atomic
+from mixsp_core.io import output_lock, sweep_leftovers, write_json_atomic
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.stages.evaluate import read_evaluation
@@ -31,7 +31,15 @@ class ModelGateError(MixSPError):
 def run_promote(params: Params, target: RunTarget | None = None, floor: float | None = None) -> Promotion:
     """Register the evaluated best (its model logged in its training run) from an MLflow run ``promote``
     nested in the pipeline run; writes ``reports/champion.json`` and, when the alias moves, the champion's
-    model card (logged to the promote run with its plot)."""
+    model card (logged to the promote run with its plot). Refused at once
+    (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes ``models/champion``."""
+    with output_lock(params.paths.champion, "promote stage"):
+        sweep_leftovers(params.paths.champion)
+        return _promote(params, target, floor)
+
+
+def _promote(params: Params, target: RunTarget | None, floor: float | None) -> Promotion:
+    """The body of :func:`run_promote`, under the champion's lock."""
     sp, paths = params.promote, params.paths
     report = read_evaluation(paths)
     floor = params.evaluate.min_dev_spearman if floor is None else floor

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mixsp_core.errors import ConfigError
+from mixsp_core.io import output_lock, sweep_leftovers
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.progress import stage_progress
@@ -86,7 +87,16 @@ def encode_with_teacher(corpus: list[str], paths: PipelinePaths, teacher: str, b
 @stage_progress("teacher")  # one progress bar for the stage's encode calls
 def run_teacher(params: Params, show_progress: bool = True) -> TeacherResult:
     """Encode every shard not done yet (one after another, one teacher load), then merge all shards into the
-    cache. Shards encoded beforehand (parallel steps, other machines) are only merged."""
+    cache. Shards encoded beforehand (parallel steps, other machines) are only merged. Refused at once
+    (:class:`~mixsp_core.errors.OutputBusyError`) while another run of this stage or of the merge holds
+    ``teacher/``; the shard steps never take that lock (they run in parallel, each into its own directory)."""
+    with output_lock(params.paths.teacher, "teacher stage"):
+        sweep_leftovers(params.paths.teacher)
+        return _teacher(params, show_progress)
+
+
+def _teacher(params: Params, show_progress: bool) -> TeacherResult:
+    """The body of :func:`run_teacher`, under the lock of ``teacher/``."""
     t, paths = params.teacher, params.paths
     corpus = read_corpus_file(paths)
     cache = teacher_cache(paths, t.model)
@@ -115,9 +125,11 @@ def run_teacher_shard(params: Params, spec: ShardSpec, threads: int | None = Non
 
 
 def run_teacher_merge(params: Params) -> MergeReport:
-    """Merge the shard directories into the cache (encoding nothing); an absent or bad shard is an error."""
+    """Merge the shard directories into the cache (encoding nothing); an absent or bad shard is an error.
+    Holds the lock of ``teacher/``, as :func:`run_teacher` does."""
     t, paths = params.teacher, params.paths
-    cache = teacher_cache(paths, t.model)
-    return merge_shards(cache.directory, paths.teacher_shards, cache.model_name, t.shards,
-                        sentences=read_corpus_file(paths))
+    with output_lock(paths.teacher, "teacher merge"):
+        cache = teacher_cache(paths, t.model)
+        return merge_shards(cache.directory, paths.teacher_shards, cache.model_name, t.shards,
+                            sentences=read_corpus_file(paths))
 

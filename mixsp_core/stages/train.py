@@ -5,20 +5,24 @@ file of configs/ (`mixsp train --config configs/X.yaml`) and the teacher's fine-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mixsp_core.data.corpus import read_corpus
+from mixsp_core.io import output_lock, sweep_leftovers
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.stages.prepare import read_corpus_file, read_pairs
 from mixsp_core.stages.teacher import encode_with_teacher
 from mixsp_core.tracking.tracker import TRAINING_RUN_FILE, RunTarget, Tracker, tracker_for_run, write_training_run
 from mixsp_core.training.config import RunConfig, apply_overrides, config_from_dict, load_config
+from mixsp_core.training.distributed import is_main_process
 from mixsp_core.training.loop import TrainResult, run_training
 from mixsp_core.training.resume import can_resume
 
@@ -27,8 +31,9 @@ def training_inputs(config: RunConfig, paths: PipelinePaths) -> tuple[pd.DataFra
     """Pairs, corpus and teacher embeddings for one training run.
 
     ``data.spec: auto`` reads the data stage's validated pairs table; any other spec is loaded and validated
-    here. The corpus and the teacher rows are read only when the config distils (or initialises its output
-    layer from the teacher); teacher rows come from the cache, only sentences missing from it are encoded.
+    here. The corpus and the teacher rows are read only when the config needs them (:attr:`RunConfig.needs_teacher`:
+    it distils, initialises its output layer from the teacher or trains on silver pairs); teacher rows come
+    from the cache (full width, as the teacher encodes), only sentences missing from it are encoded.
     """
     from mixsp_core.stages.prepare import check_pairs
 
@@ -37,7 +42,7 @@ def training_inputs(config: RunConfig, paths: PipelinePaths) -> tuple[pd.DataFra
     else:
         pairs, report = check_pairs(config.data.spec)
         report.raise_for_failures()
-    if not config.loss.uses_teacher and config.model.output_init != "teacher":
+    if not config.needs_teacher:
         return pairs, None, None
     corpus = read_corpus_file(paths) if config.data.corpus == "auto" else read_corpus(Path(config.data.corpus))
     teacher, _ = encode_with_teacher(corpus, paths, config.data.teacher)
@@ -54,14 +59,35 @@ def student_config(params: Params, overrides: list[str] | None = None) -> RunCon
     return config
 
 
+@contextlib.contextmanager
+def _claim_run(root: Path, what: str) -> Iterator[None]:
+    """Hold the output lock of the run directory ``root`` from before anything is removed or an MLflow run
+    is opened until its last record is written, and clear the run's leftovers under it. Under torchrun
+    only rank 0 takes it: the ranks of one run share the directory (the loop does the same)."""
+    if not is_main_process():
+        yield
+        return
+    with output_lock(root, what):
+        sweep_leftovers(root)  # a checkpoint swap cut short is put back here, before can_resume looks at last/
+        yield
+
+
 def run_train(params: Params, overrides: list[str] | None = None, target: RunTarget | None = None,
               show_progress: bool = True) -> TrainResult:
     """The pipeline's student: one run into ``models/student/``. An interrupted run of the same config
-    resumes (and continues its MLflow run); anything else starts fresh, without the old run's snapshots."""
+    resumes (and continues its MLflow run); anything else starts fresh, without the old run's snapshots.
+    Refused at once (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes the run."""
     config = student_config(params, overrides)
     run = params.paths.student
+    with _claim_run(run.root, "train stage"):
+        return _train_student(params, config, target, show_progress)
+
+
+def _train_student(params: Params, config: RunConfig, target: RunTarget | None, show_progress: bool) -> TrainResult:
+    """The body of :func:`run_train`, under the run's lock."""
+    run = params.paths.student
     config.train.resume = can_resume(config, run)
-    if not config.train.resume:
+    if not config.train.resume and is_main_process():  # rank 0 alone changes the shared run directory
         # Snapshots (and the start) of an older run must not be merged with this run's.
         shutil.rmtree(run.snapshots, ignore_errors=True)
         shutil.rmtree(run.start, ignore_errors=True)
@@ -84,10 +110,11 @@ def run_train_config(config_path: Path, params: Params, output: Path | None = No
     config's ``output_dir``), on the data stage's outputs under ``params``' data root."""
     config = load_config(config_path)
     out = Path(output) if output else config.resolved_output_dir()
-    tracker = _tracker(config, out, target, {"mixsp.stage": "train", "mixsp.config": str(config_path)})
-    pairs, corpus, teacher = training_inputs(config, params.paths)
-    result = run_training(config, pairs, corpus, teacher, out, tracker)
-    write_training_run(out, tracker)
+    with _claim_run(out, "mixsp train"):
+        tracker = _tracker(config, out, target, {"mixsp.stage": "train", "mixsp.config": str(config_path)})
+        pairs, corpus, teacher = training_inputs(config, params.paths)
+        result = run_training(config, pairs, corpus, teacher, out, tracker)
+        write_training_run(out, tracker)
     return result
 
 
@@ -99,9 +126,10 @@ def run_finetune_teacher(config_path: Path, output: Path, params: Params, target
 
     config = load_config(config_path)
     check_teacher_config(config)  # before the pairs are read and an MLflow run is opened
-    pairs, _, _ = training_inputs(config, params.paths)
-    tracker = _tracker(config, Path(output) / RUN_DIR, target, {"mixsp.stage": "finetune-teacher"})
-    return finetune_teacher(config, pairs, output, tracker, show_progress=show_progress)
+    with _claim_run(Path(output), "mixsp finetune-teacher"):
+        pairs, _, _ = training_inputs(config, params.paths)
+        tracker = _tracker(config, Path(output) / RUN_DIR, target, {"mixsp.stage": "finetune-teacher"})
+        return finetune_teacher(config, pairs, output, tracker, show_progress=show_progress)
 
 
 def _tracker(config: RunConfig, out: Path, target: RunTarget | None, tags: dict[str, str]) -> Tracker:

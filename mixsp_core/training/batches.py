@@ -9,6 +9,7 @@ the *global* batch; under torchrun each rank takes its slice (:meth:`DistContext
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from mixsp_core.errors import ConfigError, DataError
 from mixsp_core.losses import fit_pca_projection
 from mixsp_core.paths import shared_dir
 from mixsp_core.training.config import RunConfig
+from mixsp_core.training.silver import silver_pairs
+
+log = logging.getLogger(__name__)
 
 # the seed-stream number of each data source, so their permutations never coincide
 PAIR_STREAM, DISTILL_STREAM, NLI_STREAM = 0, 1, 2
@@ -111,18 +115,29 @@ def load_triplets(config: RunConfig) -> pd.DataFrame:
     return pd.concat([load_nli_triplets(folder, split) for split in ("dev", "test")], ignore_index=True)
 
 
-def distill_targets(config: RunConfig, corpus: Sequence[str] | None,
-                    teacher: np.ndarray | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
-    """The distillation sentences and their targets: teacher rows (aligned with ``corpus``) projected
-    to ``model.output_dim`` by an uncentred PCA fitted here; rows already that wide are used as is."""
-    if not config.loss.uses_teacher and config.model.output_init != "teacher":
-        return [], None, None
+def teacher_rows(corpus: Sequence[str] | None, teacher: np.ndarray | None,
+                 field: str, what: str) -> tuple[list[str], np.ndarray]:
+    """``corpus`` as a list and its raw teacher rows as float32, checked to be present and aligned
+    (``field`` and ``what`` name the setting that needs them in the error)."""
     if corpus is None or teacher is None:
-        raise ConfigError("loss.distill", "distillation needs the corpus and its teacher embeddings")
+        raise ConfigError(field, f"{what} needs the corpus and its teacher embeddings")
     corpus = list(corpus)
     teacher = np.asarray(teacher, dtype=np.float32)
     if teacher.ndim != 2 or teacher.shape[0] != len(corpus):
         raise DataError("<teacher embeddings>", f"shape {teacher.shape} does not match {len(corpus)} corpus sentences")
+    return corpus, teacher
+
+
+def distill_targets(config: RunConfig, corpus: Sequence[str] | None,
+                    teacher: np.ndarray | None) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """The distillation sentences and their targets: teacher rows (aligned with ``corpus``) projected
+    to ``model.output_dim`` by an uncentred PCA fitted here; rows already that wide are used as is.
+
+    Empty unless a loss term or ``model.output_init`` reads them: silver pairs alone (the other use of
+    the teacher, :attr:`RunConfig.needs_teacher`) take the raw rows and need no PCA fitted here."""
+    if not config.loss.uses_teacher and config.model.output_init != "teacher":
+        return [], None, None
+    corpus, teacher = teacher_rows(corpus, teacher, "loss.distill", "distillation")
     k = config.model.output_dim
     if teacher.shape[1] == k:
         return corpus, teacher, None
@@ -144,16 +159,19 @@ class NeighbourBatches:
         return np.concatenate([rows[:, None], self.neighbours[rows]], axis=1).reshape(-1)
 
 
-def nearest_neighbours(vectors: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """The ``k`` rows of highest cosine to each row (itself excluded), shape ``(n, k)``."""
+def nearest_neighbours(vectors: np.ndarray, k: int, chunk: int = 1024, rows: np.ndarray | None = None) -> np.ndarray:
+    """The ``k`` rows of highest cosine to each row (itself excluded), nearest first, shape ``(n, k)``;
+    with ``rows``, to those rows only (shape ``(len(rows), k)``: silver pairs need their anchors' alone)."""
     if not 1 <= k < len(vectors):
         raise ConfigError("train.distill_neighbours", f"must be between 1 and {len(vectors) - 1} (the "
                           f"distillation sentences less one), got {k}")
     unit = F.normalize(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), dim=1)
-    out = np.empty((len(unit), k), dtype=np.int64)
-    for start in range(0, len(unit), chunk):
-        sims = unit[start:start + chunk] @ unit.T
-        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -2.0  # not itself
+    queries = torch.arange(len(unit)) if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        part = queries[start:start + chunk]
+        sims = unit[part] @ unit.T
+        sims[torch.arange(len(part)), part] = -2.0  # not itself
         out[start:start + chunk] = sims.topk(k, dim=1).indices.numpy()
     return out
 
@@ -172,6 +190,7 @@ def distill_batches(targets: np.ndarray | None, batch_size: int, neighbours: int
 class TrainData:
     """Everything one run draws training batches from (global batches: each rank takes its slice).
 
+    ``train`` holds the silver pairs (task ``silver``) after the gold ones when ``data.silver_pairs > 0``.
     ``distill_*`` are empty / None unless distillation (or ``model.output_init: teacher``) is on;
     ``triplets`` and ``nli`` are None unless ``loss.infonce > 0``. ``pca_components`` is the teacher
     projection fitted for the distillation targets (None when the teacher is already ``output_dim`` wide).
@@ -191,9 +210,13 @@ class TrainData:
     @classmethod
     def build(cls, config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,
               teacher: np.ndarray | None, triplets: pd.DataFrame | None) -> TrainData:
-        """The streams of ``train`` (from :func:`select_pairs`), the distillation data (``corpus`` with its
-        aligned ``teacher`` rows) and the NLI ``triplets`` (loaded from ``data.nli_dir`` when None)."""
+        """The streams of ``train`` (from :func:`select_pairs`; plus silver pairs of the corpus when
+        ``data.silver_pairs > 0``), the distillation data (``corpus`` with its aligned, raw ``teacher`` rows)
+        and the NLI ``triplets`` (loaded from ``data.nli_dir`` when None)."""
         tc, lc = config.train, config.loss
+        if config.data.silver_pairs > 0:
+            # before gold, the class counts and the pair stream: silver rows are training pairs like the others
+            train = with_silver_pairs(config, train, corpus, teacher)
         gold = train["score"].to_numpy(dtype=np.float32)
         upper = gold >= config.data.upper_threshold
         class_counts = tuple(lc.routing_class_counts) or (max(1, int((~upper).sum())), max(1, int(upper.sum())))
@@ -205,3 +228,22 @@ class TrainData:
             triplets = load_triplets(config)
         nli = BatchStream(len(triplets), tc.nli_batch_size, config.seed, NLI_STREAM) if lc.infonce > 0 else None
         return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli)
+
+
+def with_silver_pairs(config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,
+                      teacher: np.ndarray | None) -> pd.DataFrame:
+    """``train`` followed by ``data.silver_pairs`` silver pairs (:func:`~mixsp_core.training.silver.silver_pairs`)
+    of ``corpus``, scored by its raw (full-width) ``teacher`` rows on the gold scores' distribution."""
+    d = config.data
+    sentences, rows = teacher_rows(corpus, teacher, "data.silver_pairs", "silver pairs")
+    silver = silver_pairs(sentences, rows, train["score"].to_numpy(dtype=np.float64), d.silver_pairs,
+                          d.silver_neighbour_ranks, d.silver_random_fraction, config.seed)
+    if len(silver):
+        log.info("silver pairs: %d of %d asked (teacher %s, %d corpus sentences), scores %.3f to %.3f, %d random",
+                 len(silver), d.silver_pairs, d.teacher, len(sentences), silver["score"].min(),
+                 silver["score"].max(), int((silver["subset"] == "random").sum()))
+    else:
+        log.info("silver pairs: none of %d asked were kept (every pair a near-duplicate)", d.silver_pairs)
+    # the training frame's columns only (select_pairs needs five; a full pairs table has all of PAIR_COLUMNS)
+    columns = [c for c in train.columns if c in silver.columns]
+    return pd.concat([train, silver.loc[:, columns]], ignore_index=True)

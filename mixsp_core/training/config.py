@@ -10,7 +10,7 @@ Layout of a config file (every section and field optional; defaults below)::
     seed: 42
     output_dir: data/models/bi-mixsp-hard
     model: {kind: bi, encoder: sentence-transformers/all-MiniLM-L6-v2, num_projectors: 2, routing: hard, ...}
-    data: {train_tasks: [STSBenchmark, SICKRelatedness], dev_sets: [STSBenchmark-dev, SICK-trial], ...}
+    data: {train_tasks: [STSBenchmark, SICKRelatedness], dev_sets: [STSBenchmark-dev, SICK-trial], silver_pairs: 0, ...}
     loss: {cosent: 1.0, routing: 0.1, distill: 0.0, matryoshka: 0.0, layers: 0.0, ese_alignment: 0.0, ...}
     train: {epochs: 1, batch_size: 16, lr: 5.0e-5, snapshot_every: 0, num_threads: 0, ...}
 
@@ -90,6 +90,12 @@ class DataConfig:
     corpus: str = "auto"  # distillation sentences for the CLI: auto = the pipeline corpus
     nli: bool = False  # add SNLI dev/test triplets (entailment positive, contradiction hard negative)
     nli_dir: str = "auto"
+    # Augmented SBERT "silver pairs": this many corpus pairs scored by the teacher (data.teacher), added to the
+    # training pairs as task "silver" (mixsp_core.training.silver); 0: off. Each anchor's partner is a random
+    # sentence (silver_random_fraction of them) or its teacher-space neighbour at a rank drawn from the list.
+    silver_pairs: int = 0
+    silver_neighbour_ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    silver_random_fraction: float = 0.2
 
     def validate(self, prefix: str = "data") -> None:
         if not self.train_tasks:
@@ -99,6 +105,15 @@ class DataConfig:
         if not 0.0 < self.upper_threshold < 5.0:
             raise ConfigError(f"{prefix}.upper_threshold", f"must lie inside (0, 5), got {self.upper_threshold}")
         _at_least(f"{prefix}.max_train_pairs", self.max_train_pairs, 0)
+        _at_least(f"{prefix}.silver_pairs", self.silver_pairs, 0)
+        ranks = self.silver_neighbour_ranks
+        if not ranks or any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
+            raise ConfigError(f"{prefix}.silver_neighbour_ranks", f"must be distinct integers >= 1 (1: the nearest "
+                              f"neighbour), at least one, got {ranks}")
+        # `not a <= x <= b` rather than `x < a or x > b`: NaN must fail
+        if not 0.0 <= self.silver_random_fraction <= 1.0:
+            raise ConfigError(f"{prefix}.silver_random_fraction",
+                              f"must lie in [0, 1], got {self.silver_random_fraction}")
 
 
 @dataclass
@@ -289,6 +304,12 @@ class RunConfig:
                               f"loss.matryoshka > 0, got {loss.matryoshka_dims}")
         if loss.ese_alignment > 0 and width and loss.ese_dim >= width:
             raise ConfigError("loss.ese_dim", f"must be smaller than model.output_dim ({width}), got {loss.ese_dim}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the run reads the corpus and its teacher rows: distillation, a teacher output init, or
+        silver pairs (scored by the teacher)."""
+        return self.loss.uses_teacher or self.model.output_init == "teacher" or self.data.silver_pairs > 0
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("data") / "models" / self.name

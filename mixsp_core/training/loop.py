@@ -25,11 +25,12 @@ see the gathered global batch, and only rank 0 evaluates and writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,9 +40,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mixsp_core.errors import ConfigError
+from mixsp_core.errors import ConfigError, OutputBusyError
 from mixsp_core.evaluate.contamination import pair_keys, write_seen_pairs
-from mixsp_core.io import replacing_file, write_json_atomic
+from mixsp_core.io import output_lock, replacing_file, sweep_leftovers, write_json_atomic
 from mixsp_core.models.checkpoint import build_model, load_checkpoint, restore_optimizer, save_checkpoint
 from mixsp_core.paths import RunDir
 from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
@@ -72,7 +73,8 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
     with ``train.snapshot_every`` also ``start/`` (the step-0 model) and ``snapshots/step-N/``.
 
     Under torchrun every rank calls this with the same arguments; only rank 0 writes files and uses
-    ``tracker``, and only rank 0's result carries the metrics.
+    ``tracker``, and only rank 0's result carries the metrics. Rank 0 holds the run directory's output
+    lock throughout (:func:`_claim_output`): a second run into the same directory is refused at once.
     """
     run = RunDir(Path(out_dir) if out_dir is not None else config.resolved_output_dir())
     threads_before = torch.get_num_threads()
@@ -82,8 +84,9 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
     try:
         if not ctx.is_main:  # rank 0 alone records the run and shows progress
             tracker, show_progress = NullTracker(), False
-        return _run(config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets,
-                    show_progress, ctx)
+        with _claim_output(run, ctx):
+            return _run(config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets,
+                        show_progress, ctx)
     finally:
         ctx.close()
         torch.set_num_threads(threads_before)
@@ -96,10 +99,6 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
     tc, main, device = config.train, ctx.is_main, ctx.device
     seed_everything(config.seed)
     train, dev = select_pairs(pairs, config)
-    # the pairs this model is trained and selected on, recorded with each checkpoint so that evaluation can
-    # score it on the test pairs it never saw (mixsp_core.evaluate.contamination)
-    seen = pair_keys(pd.concat([train, *dev.values()], ignore_index=True))
-
     def save(directory: Path, **kwargs) -> None:
         save_checkpoint(model, directory, **kwargs)
         write_seen_pairs(seen, directory)
@@ -114,6 +113,9 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
     # ---- data streams (global batches; each rank takes its slice)
     _check_batch_sizes(config, ctx)
     data = TrainData.build(config, train, corpus, teacher_targets, triplets)
+    # the pairs this model is trained (silver pairs included) and selected on, recorded with each checkpoint so
+    # that evaluation can score it on the test pairs it never saw (mixsp_core.evaluate.contamination)
+    seen = pair_keys(pd.concat([data.train, *dev.values()], ignore_index=True))
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * data.pairs.batches_per_epoch))
     if data.pca_components is not None and main:
         with replacing_file(run.root / PCA_COMPONENTS_FILE) as tmp, open(tmp, "wb") as handle:
@@ -241,6 +243,28 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
 
 
 # --------------------------------------------------------------------------- the loop's helpers
+
+
+@contextlib.contextmanager
+def _claim_output(run: RunDir, ctx: DistContext) -> Iterator[None]:
+    """Rank 0 holds ``run``'s output lock for the block (the ranks of one run share its directory, so
+    only rank 0 takes it) and, holding it, clears what killed writes left there (``.*.partial`` work
+    directories; a checkpoint swap cut short is put back, so ``last/`` still resumes). The other ranks
+    wait for that and share its outcome: a run refused on rank 0 stops on every rank."""
+    with contextlib.ExitStack() as held:
+        refused: OutputBusyError | None = None
+        if ctx.is_main:
+            try:
+                held.enter_context(output_lock(run.root, "training run"))
+            except OutputBusyError as err:
+                refused = err
+            else:
+                sweep_leftovers(run.root)
+                run.repair()
+        if ctx.broadcast_flag(refused is not None):
+            raise refused or OutputBusyError(f"{run.root}: is being written by another process (rank 0 found "
+                                             "it locked); training refused, nothing written")
+        yield
 
 
 def seed_everything(seed: int) -> None:

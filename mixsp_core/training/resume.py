@@ -50,6 +50,7 @@ def config_difference(saved: dict[str, Any], config: RunConfig) -> tuple[str, An
 
 def can_resume(config: RunConfig, run: RunDir) -> bool:
     """True when ``run.last`` holds an interrupted run (step < total_steps) of this same config."""
+    run.repair()  # a last/ (best/) that a kill mid-swap left as .last.old still resumes
     try:
         state = json.loads(run.trainer_state.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # missing or unreadable: nothing to resume
@@ -64,6 +65,7 @@ def resume_state(config: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[s
     :func:`~mixsp_core.models.checkpoint.read_trainer_state` reads them), or None when ``run.last`` holds
     no trainer state. Raises :class:`CheckpointError` when the state is unreadable or was written by
     another config."""
+    run.repair()
     if not run.trainer_state.is_file():
         return None
     state, tensors = read_trainer_state(run.last)
