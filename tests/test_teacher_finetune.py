@@ -78,6 +78,9 @@ def test_only_a_plain_encoder_can_be_a_teacher(tiny_bert_dir, tmp_path):
         check_teacher_config(tiny_config(tiny_bert_dir))
     with pytest.raises(ConfigError, match="loss.matryoshka"):
         check_teacher_config(tiny_config(tiny_bert_dir, model=TEACHER_MODEL, loss={"routing": 0.0, "matryoshka": 1.0}))
+    with pytest.raises(ConfigError, match="data.silver_pairs"):
+        check_teacher_config(tiny_config(tiny_bert_dir, model=TEACHER_MODEL, loss={"routing": 0.0},
+                                         data={"silver_pairs": 10}))
     student = tiny_config(tiny_bert_dir).model
     save_checkpoint(build_model(student), tmp_path / "student")
     with pytest.raises(CheckpointError, match="not a plain encoder"):

@@ -60,6 +60,8 @@ def check_teacher_config(config: RunConfig) -> None:
         raise ConfigError("model.output_dim", "must be 0 for a teacher (the export keeps the encoder only)")
     if config.loss.uses_teacher:
         raise ConfigError("loss.distill", "not available when fine-tuning a teacher (plain STS losses only)")
+    if config.data.silver_pairs > 0:
+        raise ConfigError("data.silver_pairs", "must be 0 for a teacher (silver pairs are scored by the teacher)")
     for name in ("routing", "matryoshka", "layers", "ese_alignment"):
         if getattr(config.loss, name) > 0:
             raise ConfigError(f"loss.{name}", "not available when fine-tuning a teacher (plain STS losses only)")
