@@ -69,3 +69,25 @@ def test_a_resumed_training_continues_its_run_and_parent(tmp_path):
     assert again.client.get_run(first.parent_run_id).info.status == "FINISHED"
     parents = again.client.search_runs([again.experiment_id], filter_string="tags.`mixsp.stage` = 'pipeline'")
     assert len(parents) == 1  # resuming opened no parent for p2
+
+
+def test_resuming_after_the_store_moved_records_a_new_run_naming_the_old(tmp_path, caplog):
+    import json
+
+    from mixsp_core.tracking.tracker import RunTarget, tracker_for_run
+    from mixsp_core.training.config import config_from_dict
+
+    config = config_from_dict({"name": "r", "train": {"resume": True}})
+    first = tracker_for_run(config, tmp_path / "run", target=RunTarget(uri=f"sqlite:///{tmp_path / 'a.db'}"))
+    first.finish("KILLED")
+    state = tmp_path / "run" / "last" / "trainer_state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"tracking_run_id": first.run_id}))
+
+    moved = f"sqlite:///{tmp_path / 'b.db'}"  # a new, empty store: the recorded run is not there
+    with caplog.at_level("WARNING"):
+        again = tracker_for_run(config, tmp_path / "run", target=RunTarget(uri=moved))
+    assert again.run_id != first.run_id and again.uri == moved
+    assert again.client.get_run(again.run_id).data.tags["mixsp.resumed_from_run"] == first.run_id
+    assert first.run_id in caplog.text and "not in the tracking store" in caplog.text
+    again.finish()

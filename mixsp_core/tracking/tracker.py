@@ -14,6 +14,7 @@ training run is found by ``tags.mixsp.stage = 'train'`` with ``tags.mixsp.pipeli
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mixsp_core.paths import REPO_ROOT
+
+log = logging.getLogger(__name__)
 
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under this run id
@@ -299,12 +302,30 @@ def tracker_for_run(config, out_dir: str | Path, tags: dict[str, str] | None = N
         return NullTracker()
     uri = uri or (target.uri if target is not None else None)
     run_id = resumed_run_id(config, out_dir)
-    if run_id:
+    if run_id and _run_exists(run_id, uri):
         return MLflowTracker(run_id=run_id, uri=uri)
+    if run_id:  # the store moved or was reset since the run started: the training resumes, in a new run
+        log.warning("MLflow run %s of the resumed training %s is not in the tracking store %s: the rest of the "
+                    "run is recorded in a new MLflow run (tag mixsp.resumed_from_run)", run_id, out_dir,
+                    uri or tracking_uri())
+        tags = {**(tags or {}), "mixsp.resumed_from_run": run_id}
     if target is not None:
         tags = {**target.tags, **target.nested_tags(config.tracking.experiment), **(tags or {})}
     return MLflowTracker(experiment=config.tracking.experiment, run_name=config.tracking.run_name or config.name,
                          uri=uri, tags=tags)
+
+
+def _run_exists(run_id: str, uri: str | None) -> bool:
+    """Whether the tracking store at ``uri`` holds the run ``run_id``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    store = uri or tracking_uri()
+    try:
+        MlflowClient(tracking_uri=store, registry_uri=store).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def resumed_run_id(config, out_dir: str | Path) -> str | None:
