@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,8 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)  # the profile is only this session's cache
 
 
+TRAIN_RUNS_FILTER = "tags.`mixsp.stage` = 'train'"
+
 # MLflow 3 opens its assistant side panel on the first visit of a browser profile only.
 CLOSE_ASSISTANT = (click("Close", optional=True),)
 
@@ -216,16 +219,20 @@ def mlflow_pages(mlflow_url: str, tracking_uri: str) -> list[Page]:
                               order_by=["attributes.start_time ASC"])
     if not runs:
         raise SystemExit(f"{tracking_uri}: experiment {EXPERIMENT!r} has no finished run")
-    ids = json.dumps([r.info.run_id for r in runs], separators=(",", ":"))
+    trained = [r for r in runs if r.data.tags.get("mixsp.stage") == "train"]
+    # Compared: the training runs (configs or seeds side by side, one dev vocabulary), or every finished run
+    # while there are fewer than two.
+    compared = trained if len(trained) >= 2 else runs
+    ids = json.dumps([r.info.run_id for r in compared], separators=(",", ":"))
     exp = experiment.experiment_id
     pages = [Page("mlflow-runs", f"{mlflow_url}/#/experiments/{exp}/runs", CLOSE_ASSISTANT),
-             # Folding the plots and the ~100 parameters leaves the run details and the metrics table in view.
+             # The parallel-coordinates plot on top; the ~100 parameters folded, then the metrics table.
              Page("mlflow-compare", f"{mlflow_url}/#/compare-runs?runs={ids}&experiments=[\"{exp}\"]",
-                  (*CLOSE_ASSISTANT, click("Visualizations"), click("Parameters")), height=1300),
-             # Chart view of every run in the experiment: the training curves of both train runs overlaid.
-             Page("mlflow-runs-charts", f"{mlflow_url}/#/experiments/{exp}/runs?compareRunsMode=CHART",
-                  (*CLOSE_ASSISTANT, type_into("Search metric charts", "train/")), height=1100)]
-    trained = [r for r in runs if r.data.tags.get("mixsp.stage") == "train"]
+                  (*CLOSE_ASSISTANT, click("Parameters")), height=1600),
+             # Chart view of the training runs (the nested runs, found by their stage tag): dev curves overlaid.
+             Page("mlflow-runs-charts", f"{mlflow_url}/#/experiments/{exp}/runs?compareRunsMode=CHART"
+                  f"&searchFilter={urllib.parse.quote(TRAIN_RUNS_FILTER)}",
+                  (*CLOSE_ASSISTANT, type_into("Search metric charts", "dev/")), height=1100)]
     if trained:
         pages.append(Page("mlflow-train-curves",
                           f"{mlflow_url}/#/experiments/{exp}/runs/{trained[-1].info.run_id}/model-metrics",
