@@ -348,11 +348,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mixsp_core.io import output_lock, sweep_leftovers
+    from mixsp_core.io import claim_output
     from mixsp_core.models.onnx_export import export_onnx
 
-    with output_lock(Path(args.out), "mixsp export"):
-        sweep_leftovers(Path(args.out))
+    with claim_output(Path(args.out), "mixsp export"):
         out = export_onnx(args.model, args.out, int8=args.int8)
     print(f"exported {args.model} -> {out} (onnx{', int8 weights too' if args.int8 else ''})")
     return 0

@@ -356,6 +356,15 @@ def sweep_leftovers(root: str | os.PathLike[str], depth: int = 2) -> list[Path]:
     return found
 
 
+
+@contextlib.contextmanager
+def claim_output(target: str | os.PathLike[str], what: str) -> Iterator[Path]:
+    """What every stage does before it writes ``target``: hold its :func:`output_lock` for the block and,
+    holding it, :func:`sweep_leftovers` (so a swap cut short is put back before anything reads ``target``)."""
+    with output_lock(target, what) as lock:
+        sweep_leftovers(target)
+        yield lock
+
 # -- hashes ----------------------------------------------------------------------------------------
 
 def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", chunk: int = HASH_CHUNK) -> str:

@@ -86,17 +86,23 @@ def _worker(rank: int, port: int, raw: dict, inputs: tuple, out: str, report: st
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else None}))
 
 
-def test_two_processes_match_one_process(no_dropout_bert, inputs, tmp_path):
-    raw = _raw_config(no_dropout_bert)
+def _single_and_spawned(model_dir, inputs, tmp_path, world: int, out: str) -> tuple[NullTracker, list[dict]]:
+    """One plain single-process run into tmp_path/single and a ``world``-process run into tmp_path/``out`` of
+    the same config: the single run's tracker and each rank's report."""
+    raw = _raw_config(model_dir)
     pairs, corpus, teacher, triplets = inputs
     single = NullTracker()
     run_training(config_from_dict(raw), pairs, corpus, teacher, tmp_path / "single", single, triplets,
                  show_progress=False)
-
     report = tmp_path / "report"
     report.mkdir()
-    mp.spawn(_worker, args=(_free_port(), raw, inputs, str(tmp_path / "ddp"), str(report)), nprocs=WORLD, join=True)
-    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    mp.spawn(_worker, args=(_free_port(), raw, inputs, str(tmp_path / out), str(report), world), nprocs=world,
+             join=True)
+    return single, [json.loads((report / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_two_processes_match_one_process(no_dropout_bert, inputs, tmp_path):
+    single, ranks = _single_and_spawned(no_dropout_bert, inputs, tmp_path, WORLD, "ddp")
 
     # both ranks end with bitwise-identical weights, and rank 0 saved exactly those
     assert ranks[0]["digest"] == ranks[1]["digest"]
@@ -121,15 +127,7 @@ def test_two_processes_match_one_process(no_dropout_bert, inputs, tmp_path):
 def test_torchrun_with_one_process_takes_the_process_group_path(no_dropout_bert, inputs, tmp_path):
     """``torchrun --nproc_per_node 1`` (one GPU) joins a process group of one and runs DDP and the
     gathers, as on several GPUs, and trains what the plain single process trains."""
-    raw = _raw_config(no_dropout_bert)
-    pairs, corpus, teacher, triplets = inputs
-    single = NullTracker()
-    run_training(config_from_dict(raw), pairs, corpus, teacher, tmp_path / "single", single, triplets,
-                 show_progress=False)
-    report = tmp_path / "report"
-    report.mkdir()
-    mp.spawn(_worker, args=(_free_port(), raw, inputs, str(tmp_path / "ddp1"), str(report), 1), nprocs=1, join=True)
-    rank0 = json.loads((report / "rank0.json").read_text())
+    single, (rank0,) = _single_and_spawned(no_dropout_bert, inputs, tmp_path, 1, "ddp1")
     assert rank0["world_size"] is None  # the loop destroyed the group it created
     assert "train/loss" in rank0["terms"]
     np.testing.assert_allclose([v for _, v in rank0["loss"]], [v for _, v in single.series("train/loss")],

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mixsp_core.errors import CheckpointError
-from mixsp_core.io import output_lock, repair_swap, sweep_leftovers, write_json_atomic
+from mixsp_core.io import claim_output, repair_swap, write_json_atomic
 from mixsp_core.params import Params
 from mixsp_core.progress import stage_progress
 from mixsp_core.stages.prepare import corpus_sample
@@ -39,8 +39,7 @@ def run_compress(params: Params) -> CompressResult:
     """Fit each ``compress.variants`` chain on corpus embeddings of ``models/student/best`` and save it.
     Refused at once (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes
     ``models/compressed``."""
-    with output_lock(params.paths.compressed, "compress stage"):
-        sweep_leftovers(params.paths.compressed)
+    with claim_output(params.paths.compressed, "compress stage"):
         return _compress(params)
 
 

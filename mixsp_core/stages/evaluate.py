@@ -15,7 +15,7 @@ import pandas as pd
 
 from mixsp_core.errors import CheckpointError
 from mixsp_core.evaluate.sts import DEV_TASKS, evaluate_embedder
-from mixsp_core.io import output_lock, repair_swap, sweep_leftovers, write_json_atomic, write_text_atomic
+from mixsp_core.io import claim_output, repair_swap, write_json_atomic, write_text_atomic
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.progress import stage_progress
@@ -59,8 +59,7 @@ def pipeline_variants(paths: PipelinePaths) -> dict[str, Path]:
 def run_evaluate(params: Params, target: RunTarget | None = None) -> dict[str, Any]:
     """Every variant on dev, the best chosen, the grid of the best full-precision model; returns the report.
     Refused at once (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes ``reports/``."""
-    with output_lock(params.paths.reports, "evaluate stage"):
-        sweep_leftovers(params.paths.reports)
+    with claim_output(params.paths.reports, "evaluate stage"):
         return _evaluate(params, target)
 
 

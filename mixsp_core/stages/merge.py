@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from mixsp_core.errors import CheckpointError, ConfigError
-from mixsp_core.io import output_lock, replace_dir, sweep_leftovers, write_json_atomic
+from mixsp_core.io import claim_output, replace_dir, write_json_atomic
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths, RunDir
 from mixsp_core.progress import stage_progress
@@ -93,8 +93,7 @@ def run_merge(params: Params) -> MergeStageResult:
     """Each ``merge.methods`` over the student run's snapshots; the best on dev kept. Refused at once
     (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes ``models/merged``."""
     sp, paths = params.merge, params.paths
-    with output_lock(paths.merged, "merge stage"):
-        sweep_leftovers(paths.merged)
+    with claim_output(paths.merged, "merge stage"):
         checkpoints, start, start_kind = merge_inputs(paths.student)
         report = merge_keep_best(checkpoints, start, list(sp.methods), sp.p, dev_pairs(paths), sp.batch_size,
                                  paths.merged_model)
@@ -119,8 +118,7 @@ def run_soup(runs: list[Path], out: Path, paths: PipelinePaths, methods: list[st
             raise CheckpointError(f"{run.root}: no best/ checkpoint with weights; is it a training run directory?")
         checkpoints.append(run.best)
     start = RunDir(runs[0]).start
-    with output_lock(out, "mixsp soup"):
-        sweep_leftovers(out)
+    with claim_output(out, "mixsp soup"):
         report = merge_keep_best(checkpoints, str(start) if has_weights(start) else None,
                                  methods, p, dev_pairs(paths), batch_size, out)
         write_json_atomic(out / "soup.json", report, default=str)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixsp_core.errors import MixSPError
-from mixsp_core.io import output_lock, sweep_leftovers, write_json_atomic
+from mixsp_core.io import claim_output, write_json_atomic
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.stages.evaluate import read_evaluation
@@ -33,8 +33,7 @@ def run_promote(params: Params, target: RunTarget | None = None, floor: float | 
     nested in the pipeline run; writes ``reports/champion.json`` and, when the alias moves, the champion's
     model card (logged to the promote run with its plot). Refused at once
     (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes ``models/champion``."""
-    with output_lock(params.paths.champion, "promote stage"):
-        sweep_leftovers(params.paths.champion)
+    with claim_output(params.paths.champion, "promote stage"):
         return _promote(params, target, floor)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mixsp_core.errors import ConfigError
-from mixsp_core.io import output_lock, sweep_leftovers
+from mixsp_core.io import claim_output, output_lock
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.progress import stage_progress
@@ -90,8 +90,7 @@ def run_teacher(params: Params, show_progress: bool = True) -> TeacherResult:
     cache. Shards encoded beforehand (parallel steps, other machines) are only merged. Refused at once
     (:class:`~mixsp_core.errors.OutputBusyError`) while another run of this stage or of the merge holds
     ``teacher/``; the shard steps never take that lock (they run in parallel, each into its own directory)."""
-    with output_lock(params.paths.teacher, "teacher stage"):
-        sweep_leftovers(params.paths.teacher)
+    with claim_output(params.paths.teacher, "teacher stage"):
         return _teacher(params, show_progress)
 
 
@@ -100,7 +99,7 @@ def _teacher(params: Params, show_progress: bool) -> TeacherResult:
     t, paths = params.teacher, params.paths
     corpus = read_corpus_file(paths)
     cache = teacher_cache(paths, t.model)
-    missing, repaired = len(cache.missing(corpus)), len(cache.failing(corpus))
+    missing, repaired = map(len, cache.pending(corpus))  # one check of the cached rows for both counts
     load = teacher_loader(t.model, t.resolved_device(), show_progress=show_progress)
     here = sum(encode_shard(corpus, cache.directory, paths.teacher_shards, cache.model_name, spec, load,
                             batch_size=t.batch_size).encoded for spec in all_shards(t.shards))

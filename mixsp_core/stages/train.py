@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mixsp_core.data.corpus import read_corpus
-from mixsp_core.io import output_lock, sweep_leftovers
+from mixsp_core.io import claim_output
 from mixsp_core.params import Params
 from mixsp_core.paths import PipelinePaths
 from mixsp_core.stages.prepare import read_corpus_file, read_pairs
@@ -67,8 +67,7 @@ def _claim_run(root: Path, what: str) -> Iterator[None]:
     if not is_main_process():
         yield
         return
-    with output_lock(root, what):
-        sweep_leftovers(root)  # a checkpoint swap cut short is put back here, before can_resume looks at last/
+    with claim_output(root, what):  # a checkpoint swap cut short is put back here, before can_resume looks at last/
         yield
 
 

@@ -283,11 +283,16 @@ class TeacherCache:
     def missing(self, sentences: Sequence[str]) -> list[str]:
         """The distinct sentences not cached yet, or whose cached row fails its check, in first-seen order
         (empty: no encoder needed)."""
-        return list(self._unseen(check_sentences(sentences)).values())
+        return self.pending(sentences)[0]
 
     def failing(self, sentences: Sequence[str]) -> list[str]:
         """The distinct sentences of ``sentences`` that have a cached row failing its check (to re-encode)."""
-        return [s for k, s in self._unseen(check_sentences(sentences)).items() if k in self._rows]
+        return self.pending(sentences)[1]
+
+    def pending(self, sentences: Sequence[str]) -> tuple[list[str], list[str]]:
+        """``(missing, failing)`` of :meth:`missing` and :meth:`failing` from one check of the cached rows."""
+        unseen = self._unseen(check_sentences(sentences))
+        return list(unseen.values()), [s for k, s in unseen.items() if k in self._rows]
 
     def _unseen(self, sentences: list[str]) -> dict[str, str]:
         """``{key: sentence}`` of the distinct sentences without a cached row that passes its check."""

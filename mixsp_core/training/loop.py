@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from mixsp_core.errors import ConfigError, OutputBusyError
 from mixsp_core.evaluate.contamination import pair_keys, write_seen_pairs
-from mixsp_core.io import output_lock, replacing_file, sweep_leftovers, write_json_atomic
+from mixsp_core.io import claim_output, replacing_file, write_json_atomic
 from mixsp_core.models.checkpoint import build_model, load_checkpoint, restore_optimizer, save_checkpoint
 from mixsp_core.paths import RunDir
 from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
@@ -255,12 +255,9 @@ def _claim_output(run: RunDir, ctx: DistContext) -> Iterator[None]:
         refused: OutputBusyError | None = None
         if ctx.is_main:
             try:
-                held.enter_context(output_lock(run.root, "training run"))
+                held.enter_context(claim_output(run.root, "training run"))
             except OutputBusyError as err:
                 refused = err
-            else:
-                sweep_leftovers(run.root)
-                run.repair()
         if ctx.broadcast_flag(refused is not None):
             raise refused or OutputBusyError(f"{run.root}: is being written by another process (rank 0 found "
                                              "it locked); training refused, nothing written")

@@ -17,6 +17,7 @@ import pandas as pd
 from mixsp_core.data.corpus import check_sentences
 from mixsp_core.data.table import make_pairs
 from mixsp_core.errors import ConfigError, DataError
+from mixsp_core.training.neighbours import nearest_neighbours
 
 SILVER_TASK = "silver"
 MAX_COSINE = 0.98  # teacher cosine above which two sentences count as near-duplicates
@@ -46,8 +47,6 @@ def silver_pairs(sentences: Sequence[str], teacher: np.ndarray, gold: np.ndarray
     That keeps the teacher's order, all CoSENT uses, and puts the scores on the gold scale, so the routing
     loss's threshold (``data.upper_threshold``) sees a realistic class balance.
     """
-    from mixsp_core.training.batches import nearest_neighbours
-
     sentences = check_sentences(sentences)
     n = len(sentences)
     teacher = np.asarray(teacher, dtype=np.float32)
