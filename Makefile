@@ -60,9 +60,19 @@ ui: export PATH := $(CURDIR)/$(BIN):$(PATH)
 ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m pipelines.ui
 
-## make bench: speed and memory table (markdown + JSON).
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+## make bench: speed and memory table (markdown + JSON). The sentence-transformers peers (ONNX Runtime, OpenVINO)
+## run in their own venv, $(BENCH_VENV), built once from benchmarks/requirements.txt (why: its header); torch goes
+## in first and alone, so its pin takes the machine's CPU wheel.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP): benchmarks/requirements.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check "$$(grep "^torch==" benchmarks/requirements.txt)"
+	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check -r benchmarks/requirements.txt
+	touch $@
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
 ## make restore REF=COMMIT|MLFLOW_RUN_ID|DAGSTER_RUN_ID: that run's DVC outputs (the champion too) back in data/,
 ## its dvc.lock and params.yaml in place (pulled from the DVC remote where the local cache lacks them).

@@ -2,9 +2,14 @@
 
 A fresh process per measurement keeps the sides apart (allocator state, thread pools, caches) and
 gives a clean peak-memory figure. The job file names the side (``st``: sentence-transformers,
-``mixsp``: what ``mixsp encode`` runs), the model folder, the sentence file and the settings. The
-worker loads the model, warms it up on a few sentences, times one ``encode`` of all sentences (text
-in, L2-normalised float32 vectors out) and prints one line ``RESULT {json}``.
+``mixsp``: what ``mixsp encode`` runs, ``peer``: ``job["peer"]`` of :mod:`benchmarks.peers`, started with the
+bench venv's python), the model folder, the sentence file and the settings. The worker loads the model, warms
+it up on a few sentences, times one ``encode`` of all sentences (text in, L2-normalised float32 vectors out)
+and prints one line ``RESULT {json}``. ``job["task"]`` other than ``time``: ``sweep`` (rates at several batch
+sizes, one load), ``quality`` (dev Spearman), ``export`` (the peers' cache folders).
+
+The ``peer`` side and those tasks import only torch, numpy, sentence-transformers and pure-Python project code,
+all present in the bench venv.
 """
 
 from __future__ import annotations
@@ -56,30 +61,35 @@ class PeakRSS:
 
 
 def load_side(job: dict[str, Any]):
-    """The object whose ``encode`` is timed, and a function ``encode(sentences) -> np.ndarray``."""
+    """The loaded model, and ``encode(sentences, batch_size=job's) -> np.ndarray`` of it."""
     device, batch = job["device"], int(job["batch_size"])
     folder = Path(job["model_dir"])
-    if job["side"] == "st":
-        from sentence_transformers import SentenceTransformer
+    if job["side"] in ("st", "peer"):
+        if job["side"] == "peer":  # a sentence-transformers backend of the bench venv (benchmarks/peers.py)
+            from benchmarks.peers import load_peer
 
-        if job.get("student"):
-            folder = Path(job["st_dir"])  # the student's base encoder exported as an HF folder
-        model = SentenceTransformer(str(folder), device=device)
-        if job.get("precision") == "fp16":
-            model.half()
-        return model, lambda s: model.encode(s, batch_size=batch, normalize_embeddings=True,
-                                             convert_to_numpy=True, show_progress_bar=False)
+            model = load_peer(job)
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            if job.get("student"):
+                folder = Path(job["st_dir"])  # the student's base encoder exported as an HF folder
+            model = SentenceTransformer(str(folder), device=device)
+            if job.get("precision") == "fp16":
+                model.half()
+        return model, lambda s, batch_size=batch: model.encode(s, batch_size=batch_size, normalize_embeddings=True,
+                                                               convert_to_numpy=True, show_progress_bar=False)
     if job.get("student"):
         from mixsp_core.models.checkpoint import load_embedder
 
         model = load_embedder(str(folder), device=device)
-        return model, lambda s: model.encode(s, batch_size=batch, show_progress=False)
+        return model, lambda s, batch_size=batch: model.encode(s, batch_size=batch_size, show_progress=False)
     from mixsp_core.models.encoder import Encoder
 
     budget = job.get("token_budget", "auto")
     model = Encoder(folder, device=device, show_progress=False, precision=job.get("precision", "auto"),
                     quantize=job.get("quantize"), token_budget=budget)
-    return model, lambda s: model.encode(s, batch_size=batch)
+    return model, lambda s, batch_size=batch: model.encode(s, batch_size=batch_size)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +101,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     sentences = Path(job["sentences"]).read_text(encoding="utf-8").split("\n")[:-1]
     cuda = job["device"].startswith("cuda")
     t0 = time.perf_counter()
-    _, encode = load_side(job)
+    model, encode = load_side(job)
     load_s = time.perf_counter() - t0
     warm = sentences[: int(job.get("warmup", 256))]
     if warm:
@@ -117,11 +127,50 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
     if cuda:
         result["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated() - before)
+    if job["side"] == "peer":
+        from benchmarks.peers import runtime_info
+
+        result["runtime"] = runtime_info(model, job["peer"])
+        result["threads"] = result["runtime"]["threads"]  # the runtime's pool, not torch's; None: its default
     if job.get("save_vectors"):
         queries = Path(job["queries"]).read_text(encoding="utf-8").split("\n")[:-1] if job.get("queries") else []
         np.savez(job["save_vectors"], corpus=vectors,
                  queries=np.asarray(encode(queries), dtype=np.float32) if queries else np.zeros((0, vectors.shape[1])))
     return result
+
+
+def run_sweep(job: dict[str, Any]) -> dict[str, Any]:
+    """One load, then one timed encode of the sentences at each of ``job["sweep"]`` batch sizes."""
+    sentences = Path(job["sentences"]).read_text(encoding="utf-8").split("\n")[:-1]
+    _, encode = load_side(job)
+    encode(sentences[: int(job.get("warmup", 128))])
+    rates = {}
+    for size in job["sweep"]:
+        t0 = time.perf_counter()
+        encode(sentences, int(size))
+        rates[str(size)] = len(sentences) / (time.perf_counter() - t0)
+    return {"side": job["side"], "peer": job.get("peer"), "sentences": len(sentences), "rates": rates}
+
+
+def run_quality(job: dict[str, Any]) -> dict[str, Any]:
+    """STS-B dev / SICK trial Spearman of the job's model (``job["senteval"]``), as ``mixsp evaluate``."""
+    from benchmarks.quality import dev_pairs, dev_scores
+
+    model, _ = load_side(job)
+    pairs = dev_pairs(job["senteval"])
+    return {**dev_scores(model, pairs, job.get("peer") or job["model_dir"]), "pairs": int(len(pairs))}
+
+
+def run_export(job: dict[str, Any]) -> dict[str, Any]:
+    """Build (or find) the cache folder of each of ``job["peers"]`` for the job's model; not timed."""
+    from benchmarks.peers import PEERS, export_peer
+
+    calibration = Path(job["sentences"]).read_text(encoding="utf-8").split("\n")[:-1]
+    return {key: export_peer(Path(job["model_dir"]), job["name"], PEERS[key], calibration,
+                             log=lambda m: print(m, file=sys.stderr, flush=True)) for key in job["peers"]}
+
+
+TASKS = {"time": run_job, "sweep": run_sweep, "quality": run_quality, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.encode_worker JOB.json", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    print("RESULT " + json.dumps(run_job(job)), flush=True)
+    print("RESULT " + json.dumps(TASKS[job.get("task", "time")](job)), flush=True)
     return 0
 
 

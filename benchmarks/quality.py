@@ -9,20 +9,32 @@ from typing import Any
 SETTINGS = {"fp32": {}, "int8": {"quantize": "int8"}, "bf16": {"precision": "bf16"}}
 
 
-def dev_cost(model: str | Path, senteval_dir: str | Path) -> dict[str, Any]:
-    """``{setting: {"dev", "tasks": {name: spearman}}}`` plus ``"delta"`` (setting minus fp32), on CPU."""
+def dev_pairs(senteval_dir: str | Path):
+    """The dev split (STS-B dev, SICK trial) of the SentEval folder."""
     from mixsp_core.data.sources import load_pairs
-    from mixsp_core.evaluate.sts import evaluate_embedder
-    from mixsp_core.models.encoder import Encoder
 
     pairs = load_pairs(f"senteval:{senteval_dir}")
-    pairs = pairs[pairs["split"] == "dev"]
+    return pairs[pairs["split"] == "dev"]
+
+
+def dev_scores(embedder: Any, pairs, model: str) -> dict[str, Any]:
+    """``{"dev": mean, "tasks": {name: spearman}}`` of anything with ``encode(sentences, batch_size)``."""
+    from mixsp_core.evaluate.sts import evaluate_embedder
+
+    result = evaluate_embedder(embedder, pairs, model=model)
+    return {"dev": result["dev"], "tasks": {k: v["spearman"] for k, v in result["tasks"].items()}}
+
+
+def dev_cost(model: str | Path, senteval_dir: str | Path) -> dict[str, Any]:
+    """``{setting: {"dev", "tasks": {name: spearman}}}`` plus ``"delta"`` (setting minus fp32), on CPU."""
+    from mixsp_core.models.encoder import Encoder
+
+    pairs = dev_pairs(senteval_dir)
     if pairs.empty:
         return {"note": f"no dev pairs under {senteval_dir}"}
     out: dict[str, Any] = {"model": str(model), "pairs": int(len(pairs))}
     for name, kwargs in SETTINGS.items():
         encoder = Encoder(model, device="cpu", show_progress=False, **kwargs)
-        result = evaluate_embedder(encoder, pairs, model=str(model))
-        out[name] = {"dev": result["dev"], "tasks": {k: v["spearman"] for k, v in result["tasks"].items()}}
+        out[name] = dev_scores(encoder, pairs, str(model))
     out["delta"] = {name: out[name]["dev"] - out["fp32"]["dev"] for name in SETTINGS if name != "fp32"}
     return out

@@ -10,6 +10,10 @@ Each encode figure is the median (min-max) of ``--repeats`` measurements, each i
 the ratio to sentence-transformers is taken per repeat, then summarised. CPU defaults are sized to
 finish in about ten minutes on two cores (4,000 sentences for the small models, 1,000 for the
 teacher, sampled from the corpus); ``--sentences`` sets one size for all.
+
+On the CPU, ``--peers`` models are also run through sentence-transformers' own torch, ONNX (plain, O3, dynamic
+int8) and OpenVINO (plain, static int8) backends (:mod:`benchmarks.peers`), in the bench venv
+(``--peer-python``), each at our batch size and at its best of ``--batch-sweep``, with its dev Spearman.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from benchmarks.models import (
     parse_models,
     peak_bf16_tflops,
 )
+from benchmarks.peers import BENCH_PYTHON, CALIBRATION_SENTENCES, PEERS
 from benchmarks.stats import fmt_range, ratio_summary, summary
 
 DEFAULT_OUT = REPO_ROOT / "data" / "reports" / "bench.json"
@@ -55,6 +60,8 @@ class Variant:
     quantize: str | None = None
     token_budget: int | str | None = None
     baseline: str | None = None  # the st variant its ratio is taken against
+    peer: str | None = None  # side "peer": a key of benchmarks.peers.PEERS
+    batch_size: int | None = None  # None: --batch-size
 
 
 @dataclass
@@ -67,6 +74,7 @@ class ModelRun:
     variants: list[Variant]
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    peer_info: dict[str, Any] = field(default_factory=dict)  # per peer: its export, sweep rates, best batch, dev
 
 
 def variants_for(spec: ModelSpec, device: str, int8: bool) -> list[Variant]:
@@ -137,16 +145,19 @@ def find_student(explicit: str | None) -> Path | None:
 # --------------------------------------------------------------------------- measuring
 
 
-def run_worker(job: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
-    """Run one measurement in a fresh Python process; its ``RESULT`` line as a dict."""
+def run_worker(job: dict[str, Any], workdir: Path, timeout: float, python: str | None = None) -> dict[str, Any]:
+    """Run one measurement in a fresh Python process (``python``: another venv's interpreter, the bench venv's
+    for the peers; default this one); its ``RESULT`` line as a dict."""
     job_file = Path(tempfile.mkstemp(dir=workdir, suffix=".json")[1])
     job_file.write_text(json.dumps(job), encoding="utf-8")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.encode_worker", str(job_file)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    if python:  # the peers never reach the network, and the calibration set's Arrow files stay in workdir
+        env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_CACHE": str(workdir / "hf-cache")})
+    proc = subprocess.run([python or sys.executable, "-m", "benchmarks.encode_worker", str(job_file)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker failed ({job['side']} {job['model_dir']}), exit {proc.returncode}:\n"
@@ -177,18 +188,84 @@ def measure(runs: list[ModelRun], args: argparse.Namespace, workdir: Path, queri
                     save = str(vector_dir / f"{run.spec.key}.npz")
                 job = {
                     "side": v.side, "model_dir": str(run.folder), "device": args.device,
-                    "batch_size": args.batch_size, "sentences": str(files[run.spec.key]),
+                    "batch_size": v.batch_size or args.batch_size, "sentences": str(files[run.spec.key]),
+                    "peer": v.peer, "peer_dir": run.peer_info[v.peer]["export"]["folder"] if v.peer else None,
                     "precision": v.precision, "quantize": v.quantize, "token_budget": v.token_budget,
                     "threads": args.threads, "warmup": args.warmup, "student": run.spec.hub_id is None,
                     "st_dir": str(workdir / "student-backbone"), "save_vectors": save,
                     "queries": str(query_file) if save and query_file else None,
                 }
                 t0 = time.perf_counter()
-                result = run_worker(job, workdir, args.worker_timeout)
+                result = run_worker(job, workdir, args.worker_timeout, args.peer_python if v.peer else None)
                 done += 1
                 print(f"[{done}/{total}] {run.spec.label:28s} {v.name:24s} {result['rate']:10,.0f} sent/s "
                       f"({time.perf_counter() - t0:.0f} s with loading)", file=sys.stderr, flush=True)
                 run.results.setdefault(v.name, []).append(result)
+
+
+# --------------------------------------------------------------------------- peers (sentence-transformers backends)
+
+
+def peer_variants(best: dict[str, int], ours: int) -> list[Variant]:
+    """Each peer at our batch size and, where another size swept faster, at its best."""
+    out = []
+    for key, peer in PEERS.items():
+        sizes = [ours] + ([best[key]] if best.get(key, ours) != ours else [])
+        out += [Variant(f"{peer.label} b{b}", "peer", peer=key, batch_size=b, baseline="st fp32") for b in sizes]
+    return out
+
+
+def prepare_peers(run: ModelRun, args: argparse.Namespace, workdir: Path, pool: list[str], senteval: Path,
+                  notes: list[str]) -> None:
+    """In the bench venv: export the peers once into data/bench_cache/ (not timed), sweep each one's batch size
+    on a slice of the sentences (one process each, one pass per size), read each one's dev Spearman; then add
+    the variants."""
+    _, used = sample(pool, len(run.sentences), args.seed)
+    spare = len(pool) - len(set(used.tolist())) >= CALIBRATION_SENTENCES
+    calibration, _ = sample(pool, CALIBRATION_SENTENCES, args.seed + 2, exclude=used if spare else None)
+    if not spare:
+        notes.append("openvino int8 static: calibrated on benchmarked sentences (the corpus has too few others)")
+    base = {"side": "peer", "model_dir": str(run.folder), "device": args.device, "threads": args.threads,
+            "warmup": args.warmup, "batch_size": args.batch_size}
+    cal_file = write_sentences(calibration, workdir / f"{run.spec.key}-calibration.txt")
+    t0 = time.perf_counter()
+    exports = run_worker({**base, "task": "export", "name": run.spec.key, "peers": list(PEERS),
+                          "sentences": str(cal_file)}, workdir, args.worker_timeout, args.peer_python)
+    print(f"peers of {run.spec.label} ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    sweep_file = write_sentences(run.sentences[: args.sweep_sentences], workdir / f"{run.spec.key}-sweep.txt")
+    sizes = [int(x) for x in args.batch_sweep.split(",") if x.strip()]
+    for key, peer in PEERS.items():
+        job = {**base, "peer": key, "peer_dir": exports[key]["folder"]}
+        rates = run_worker({**job, "task": "sweep", "sweep": sizes, "sentences": str(sweep_file)}, workdir,
+                           args.worker_timeout, args.peer_python)["rates"]
+        info: dict[str, Any] = {"export": exports[key], "sweep_rates": rates,
+                                "best_batch": int(max(rates, key=rates.get))}
+        print(f"batch sweep {peer.label:24s} " + "  ".join(f"b{b} {r:,.0f}/s" for b, r in rates.items())
+              + f"  -> b{info['best_batch']}", file=sys.stderr, flush=True)
+        if args.quality and not args.random_init and senteval.is_dir():
+            info["quality"] = run_worker({**job, "task": "quality", "senteval": str(senteval)}, workdir,
+                                         args.worker_timeout, args.peer_python)
+        run.peer_info[key] = info
+    run.variants += peer_variants({k: v["best_batch"] for k, v in run.peer_info.items()}, args.batch_size)
+    versions = exports["torch"]["versions"]
+    notes.append(f"st * b<N> rows: sentence-transformers {versions['sentence-transformers']} with transformers "
+                 f"{versions['transformers']}, optimum-onnx {versions['optimum-onnx']}, optimum-intel "
+                 f"{versions['optimum-intel']} (onnxruntime {versions['onnxruntime']}, openvino {versions['openvino']})"
+                 " in .venv-bench, each at our batch size and at its best of --batch-sweep; `st fp32` is the "
+                 "product's own pins, whose transformers is too new for optimum (benchmarks/requirements.txt)")
+
+
+def add_fastest_ratio(rows: list[dict[str, Any]], results: dict[str, list[dict[str, Any]]]) -> None:
+    """Where peer rows exist: every row's per-repeat ratio to the fastest sentence-transformers-side row
+    (``st`` or ``peer`` side, by median rate), as ``ratio_fastest`` / ``fastest``."""
+    st_rows = [r for r in rows if r["settings"]["side"] in ("st", "peer")]
+    if not any(r["settings"]["side"] == "peer" for r in st_rows):
+        return
+    fastest = max(st_rows, key=lambda r: r["rate"]["median"])
+    theirs = [r["rate"] for r in results[fastest["variant"]]]
+    for row in rows:
+        row["ratio_fastest"] = ratio_summary([r["rate"] for r in results[row["variant"]]], theirs)
+        row["fastest"] = fastest["variant"]
 
 
 def _main_variant(run: ModelRun) -> Variant:
@@ -217,10 +294,17 @@ def summarise(run: ModelRun, device: str, peak_tflops: float | None) -> dict[str
         if v.baseline and run.results.get(v.baseline):
             row["ratio"] = ratio_summary([r["rate"] for r in res], [r["rate"] for r in run.results[v.baseline]])
             row["ratio_to"] = v.baseline
+        if "quality" in run.peer_info.get(v.peer or "", {}):
+            row["dev"] = run.peer_info[v.peer]["quality"]
+        if "runtime" in res[0]:
+            row["runtime"] = res[0]["runtime"]
         rows.append(row)
+    add_fastest_ratio(rows, run.results)
     out: dict[str, Any] = {"model": run.spec.label, "key": run.spec.key, "folder": str(run.folder),
                            "sentences": len(run.sentences), "mean_tokens": run.mean_tokens,
                            "padding_overhead": run.padding, "variants": rows}
+    if run.peer_info:
+        out["peers"] = run.peer_info
     if run.config:
         flops = flops_per_sentence(run.config, run.mean_tokens)
         out["flops_per_sentence"] = flops
@@ -240,8 +324,17 @@ def markdown(report: dict[str, Any]) -> str:
             note += f", bound {m['bound_sentences_per_s']:,.0f}/s"
         for row in m["variants"]:
             ratio = f"{fmt_range(row['ratio'], 2)}x vs {row['ratio_to']}" if "ratio" in row else "-"
+            if "ratio_fastest" in row:
+                fastest = f"{fmt_range(row['ratio_fastest'], 2)}x vs fastest ST ({row['fastest']})"
+                ratio = fastest if ratio == "-" else f"{ratio}; {fastest}"
             mem = fmt_range(row["peak_memory_bytes"], 0, 2**20) + " MB"
-            extra = note
+            batch = row["settings"].get("batch_size")
+            extra = note.replace(f"batch {report['batch_size']}", f"batch {batch}") if batch else note
+            if row.get("runtime", {}).get("precision"):
+                extra += f", runs in {row['runtime']['precision']}"
+            if "dev" in row:
+                tasks = ", ".join(f"{k} {v:.2f}" for k, v in row["dev"]["tasks"].items())
+                extra += f"; dev Spearman {row['dev']['dev']:.2f} ({tasks})"
             if "bound_sentences_per_s" in m:
                 extra += f" ({row['rate']['median'] / m['bound_sentences_per_s']:.1%} of bound)"
             lines.append(f"| encode (sent/s) | {m['model']} | {row['variant']} | {fmt_range(row['rate'])} | "
@@ -301,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sentences per measurement (default CPU {CPU_SENTENCES}, CUDA {CUDA_SENTENCES:,})")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="default 64 on CPU, 256 on CUDA")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="threads in every worker: torch's, and for the peers ONNX Runtime's / OpenVINO's "
+                   "(default: each runtime's own)")
     p.add_argument("--warmup", type=int, default=None, help="sentences encoded before timing (CPU 128; CUDA: all of them, one untimed pass, "
                    "so every batch shape's kernels are loaded as in a long-running job)")
     p.add_argument("--random-init", action="store_true",
@@ -313,9 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the sentence pool (or --sentences of it) to FILE (.gz: compressed) and exit")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the CPU int8 and bf16 rows")
     p.add_argument("--no-quality", dest="quality", action="store_false",
-                   help="skip the dev Spearman of MiniLM in fp32 / int8 / bf16 (CPU)")
+                   help="skip the dev Spearman of MiniLM in fp32 / int8 / bf16 and of the peers (CPU)")
     p.add_argument("--no-retrieval", dest="retrieval", action="store_false")
     p.add_argument("--no-stages", dest="stages", action="store_false")
+    p.add_argument("--peers", default="minilm",
+                   help="CPU: models (comma list) also measured with sentence-transformers' torch / ONNX / OpenVINO "
+                   "backends in the bench venv; '' for none")
+    p.add_argument("--peer-python", default=str(BENCH_PYTHON),
+                   help="python of the bench venv the peers run in (`make bench` builds it)")
+    p.add_argument("--batch-sweep", default="16,32,64,128", help="batch sizes tried for each peer's best")
+    p.add_argument("--sweep-sentences", type=int, default=1000, help="sentences per batch-size trial")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the GPU (default: by its name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout", type=float, default=3600.0)
@@ -364,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
             mean_tokens, padding = token_stats(folder, sentences, args.batch_size)
             run = ModelRun(spec, folder, sentences, mean_tokens, padding,
                            variants_for(spec, args.device, args.int8), config=encoder_config(folder))
+            if spec.key in args.peers.split(",") and spec.hub_id is not None and not cuda:
+                if not Path(args.peer_python).is_file():
+                    raise SystemExit(f"--peer-python {args.peer_python}: not found; `make bench` builds the bench "
+                                     "venv from benchmarks/requirements.txt (or pass --peers '')")
+                prepare_peers(run, args, workdir, pool,
+                              Path(args.senteval) if args.senteval else default_senteval_dir(), notes)
             runs.append(run)
         queries = None
         vector_dir = None

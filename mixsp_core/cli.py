@@ -29,9 +29,11 @@ naming that process (mixsp_core.io.output_lock).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -101,20 +103,17 @@ def _token_budget(text: str) -> int | str:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from mixsp_core.data.corpus import read_corpus
+    from mixsp_core.models.streaming import SentenceFile, encode_file_streaming
 
     output = _output_file(args.output, "--output")  # refused before any encoding work
-    sentences = read_corpus(Path(args.input), allow_empty_lines=False)
+    source = SentenceFile(Path(args.input))  # every line counted and checked (file:line) before the model loads
     embedder = _load(args.model, args.device, args.dims, _inference(args))
-    vectors = np.asarray(embedder.encode(sentences, batch_size=args.batch_size), dtype=np.float32)
-    from mixsp_core.models.integrity import check_finite_vectors
-
-    check_finite_vectors(vectors, f"model {args.model}")  # never NaN vectors with exit 0
-    # through a file handle: np.save given a path would append ".npy" to a name without it
-    _write_output(output, lambda fh: np.save(fh, vectors, allow_pickle=False))
-    print(f"{output}: {vectors.shape[0]} x {vectors.shape[1]} float32")
+    # streamed: one chunk of sentences and vectors in memory at a time, rows written into the .npy as they
+    # come, the file renamed into place when complete; NaN vectors are refused (nothing written)
+    with _write_errors(output):
+        rows, dim = encode_file_streaming(embedder, source, output, batch_size=args.batch_size,
+                                          where=f"model {args.model}")
+    print(f"{output}: {rows} x {dim} float32")
     return 0
 
 
@@ -141,18 +140,25 @@ def _write_output(path: Path, write) -> Path:
     """Write ``path`` atomically and exactly there: ``write(fh)`` fills a temporary sibling opened for binary
     writing, which replaces ``path`` only when complete and flushed to disk. A failed write (disk full, file
     size limit) raises MixSPError and leaves ``path`` as it was, with no partial file beside it."""
-    from mixsp_core.errors import MixSPError
     from mixsp_core.io import replacing_file
 
+    with _write_errors(path), replacing_file(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())  # a full disk reports here at the latest, before the rename
+    return path
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """An OSError of the block (a full disk, a file size limit) as one MixSPError naming ``path``."""
+    from mixsp_core.errors import MixSPError
+
     try:
-        with replacing_file(path) as tmp, open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # a full disk reports here at the latest, before the rename
+        yield
     except OSError as err:
         raise MixSPError(f"{path}: could not write ({err.strerror or err}); "
                          "the previous file, if any, is unchanged") from err
-    return path
 
 
 def _write_json_output(path: Path, data) -> Path:

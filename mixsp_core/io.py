@@ -70,6 +70,64 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     return Path(path)
 
 
+NPY_WRITE_ROWS = 4096  # rows copied into order and written per step: what a write holds beside its input
+
+
+@contextlib.contextmanager
+def writing_npy_rows(path: str | os.PathLike[str], shape: tuple[int, int],
+                     dtype: str = "float32") -> Iterator[Callable[[Any, Any], None]]:
+    """Fill the ``.npy`` file ``path`` (a matrix of ``shape``) block by block, atomically: yields
+    ``write(rows, values)`` (``rows``: row indices in any order, or a slice; ``values``: their rows) for the
+    block to call as often as it likes; when the block finishes without error the file is flushed to disk and
+    renamed over ``path`` (:func:`replacing_file`); otherwise it is removed and ``path`` stays as it was.
+
+    The header comes from ``numpy.lib.format.open_memmap`` and the file's full size is reserved on disk
+    first (a full disk fails here with ENOSPC, not mid-stream). Rows go to disk with ``pwrite``, in runs of
+    consecutive rows, :data:`NPY_WRITE_ROWS` at a time, never through a memory map: written rows sit in the
+    page cache, not in this process's resident memory, so a matrix larger than memory costs one step of it.
+    """
+    import numpy as np
+    from numpy.lib.format import open_memmap
+
+    dtype_ = np.dtype(dtype)
+    n, width = shape
+    row_bytes = width * dtype_.itemsize
+    with replacing_file(path) as tmp:
+        header = open_memmap(tmp, mode="w+", dtype=dtype_, shape=shape)  # the header; the file sized (sparse)
+        data_start = header.offset
+        del header  # unmapped again: nothing is written through it
+        with open(tmp, "r+b") as fh:
+            fd = fh.fileno()
+            size = os.fstat(fd).st_size
+            if size and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+
+            def write(rows: Any, values: Any) -> None:
+                index = np.arange(*rows.indices(n)) if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+                values = np.asarray(values, dtype=dtype_)
+                if values.shape != (len(index), width):
+                    raise ValueError(f"{path}: {len(index)} rows of width {width} expected, got {values.shape}")
+                if len(index) and (index.min() < 0 or index.max() >= n):
+                    raise IndexError(f"{path}: rows {index.min()}..{index.max()} outside the matrix's {n}")
+                order = np.argsort(index, kind="stable")
+                for first in range(0, len(order), NPY_WRITE_ROWS):
+                    take = order[first:first + NPY_WRITE_ROWS]
+                    block, targets = np.ascontiguousarray(values[take]), index[take]
+                    breaks = np.flatnonzero(np.diff(targets) != 1) + 1  # where a run of consecutive rows ends
+                    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(take)]):
+                        _pwrite_all(fd, memoryview(block[lo:hi]).cast("B"), data_start + int(targets[lo]) * row_bytes)
+
+            yield write
+            os.fsync(fd)  # a failing disk reports here at the latest, before the rename
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``data`` at ``offset`` of ``fd``, however many calls ``pwrite`` takes."""
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` (no newline translation) to ``path`` atomically. Returns ``path``."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding=encoding))

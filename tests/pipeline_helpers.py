@@ -139,3 +139,12 @@ def teacher_job(data_root: str, tracking_uri: str):
         jobs=[dg.define_asset_job("sharded_teacher", selection=selection)],
     )
     return definitions.resolve_job_def("sharded_teacher")
+
+
+def teacher_job_on_pipeline_executor(data_root: str, tracking_uri: str):
+    """:func:`teacher_job` on the executor ``mixsp_full`` runs on (pipelines/defs/executors.py: multiprocess by
+    default, Celery workers by run config or ``MIXSP_EXECUTOR``): a reconstruction target for the Celery test,
+    which the workers import to run its steps."""
+    from pipelines.defs.executors import mixsp_executor
+
+    return teacher_job(data_root, tracking_uri).with_executor_def(mixsp_executor)

@@ -5,7 +5,9 @@ runs without an attention mask (transformers then takes SDPA's fastest kernel), 
 plain mean, and no FLOP is spent on pad tokens. Sentences are tokenised once, in bulk, by the Rust
 tokenizer on several threads (it releases the GIL), in chunks that a background thread prepares
 while the previous chunk is encoded. A length group's partial last batch is carried into the next
-chunk, so only the final chunk has partial batches.
+chunk, so only the final chunk has partial batches. The chunks can come from a list
+(:func:`stream_plans`) or lazily, from a file read as it is encoded (:func:`plan_chunks`); either way
+the same chunk sizes give the same batches.
 
 :func:`mixsp_core.models.encode_loop.encode_planned` runs a model over these plans.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -214,37 +216,68 @@ def _concat_chunks(a: TokenizedChunk, b: TokenizedChunk) -> TokenizedChunk:
     return TokenizedChunk(np.concatenate([a.ids, b.ids]), np.concatenate([a.lengths, b.lengths]))
 
 
+def chunk_sizes(chunk_size: int) -> Iterator[int]:
+    """Sentences per chunk, without end: 8192 at most first (encoding starts early), then doubling up to
+    ``chunk_size`` (each chunk is tokenised while the one before it runs)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    size = min(chunk_size, _FIRST_CHUNK_SENTENCES)
+    while True:
+        yield size
+        size = min(chunk_size, 2 * size)
+
+
+def split_chunks(sentences: Sequence[str], chunk_size: int) -> Iterator[Sequence[str]]:
+    """``sentences`` cut into consecutive slices of :func:`chunk_sizes`."""
+    start = 0
+    for size in chunk_sizes(chunk_size):
+        if start >= len(sentences):
+            return
+        yield sentences[start:start + size]
+        start += size
+
+
 def stream_plans(sentences: Sequence[str], tokenize: Callable[[Sequence[str]], TokenizedChunk],
                  batch_size: int, token_budget: int | None = None, chunk_size: int = 65536,
                  merge_tail: bool = False, pad_id: int = 0) -> Iterator[PlannedChunk]:
-    """Plans covering every sentence exactly once, chunk by chunk (see :func:`plan_chunk`).
+    """Plans covering every sentence exactly once, chunk by chunk (see :func:`plan_chunk`), the chunks
+    cut by :func:`split_chunks`: :func:`plan_chunks` over the slices of one list."""
+    return plan_chunks(split_chunks(sentences, chunk_size), tokenize, batch_size, token_budget, merge_tail, pad_id)
 
-    The next chunk is tokenised in a background thread while the caller encodes the current one.
-    The first chunk is small (8192 sentences at most) so encoding starts early; sizes then double.
+
+def plan_chunks(chunks: Iterable[Sequence[str]], tokenize: Callable[[Sequence[str]], TokenizedChunk],
+                batch_size: int, token_budget: int | None = None, merge_tail: bool = False,
+                pad_id: int = 0) -> Iterator[PlannedChunk]:
+    """Plans covering every sentence of ``chunks`` (consecutive lists, read lazily: a file streamed)
+    exactly once; ``rows`` count sentences across all chunks (row i: the i-th sentence of the stream).
+
+    The next chunk is read from ``chunks`` while the current one is tokenised and tokenised in a
+    background thread while the caller encodes the current one; the last chunk (the one ``chunks``
+    ends after) keeps its partial batches. Held at a time: the sentences of one chunk read ahead, the
+    ids of two chunks, and the carried partial batches (under ``batch_size`` per token length).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if token_budget is not None and token_budget < 1:
         raise ValueError(f"token_budget must be positive or None, got {token_budget}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    n = len(sentences)
-    bounds, start, size = [], 0, min(chunk_size, _FIRST_CHUNK_SENTENCES)
-    while start < n:  # chunk sizes double up to chunk_size: each one is tokenised while the last runs
-        bounds.append((start, min(n, start + size)))
-        start, size = start + size, min(chunk_size, 2 * size)
+    source = (chunk for chunk in chunks if len(chunk))
     carry_rows = np.zeros(0, dtype=np.int64)
     carry = TokenizedChunk(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     with ThreadPoolExecutor(1, thread_name_prefix="mixsp-prefetch") as prefetch:
-        future: Future | None = prefetch.submit(tokenize, sentences[bounds[0][0]:bounds[0][1]]) if bounds else None
-        for k, (lo, hi) in enumerate(bounds):
-            assert future is not None
+        chunk = next(source, None)
+        if chunk is None:
+            return
+        future: Future = prefetch.submit(tokenize, chunk)
+        lo = 0
+        while chunk is not None:
+            hi = lo + len(chunk)
+            chunk = next(source, None)  # read ahead while the current chunk is tokenised: is it the last?
             tokens = future.result()
-            final = k == len(bounds) - 1
-            if not final:
-                future = prefetch.submit(tokenize, sentences[bounds[k + 1][0]:bounds[k + 1][1]])
+            if chunk is not None:
+                future = prefetch.submit(tokenize, chunk)
             rows = np.concatenate([carry_rows, np.arange(lo, hi, dtype=np.int64)])
             tokens = _concat_chunks(carry, tokens)
-            plan, left = plan_chunk(rows, tokens, batch_size, token_budget, final, merge_tail, pad_id)
+            plan, left = plan_chunk(rows, tokens, batch_size, token_budget, chunk is None, merge_tail, pad_id)
             carry_rows, carry = rows[left], _select_sentences(tokens, left)
+            lo = hi
             yield plan

@@ -2,8 +2,8 @@
 
 The sentences missing from the cache are split into ``teacher.shards`` shards (params.yaml) by sentence hash.
 Each shard is its own asset, so its own step: the multiprocess executor (``make run``, runs launched from the
-UI) encodes them side by side in separate processes, and a cluster executor (dagster-k8s, dagster-celery)
-would run each on its own machine. ``teacher_embeddings`` depends on every shard and merges them into the
+UI) encodes them side by side in separate processes, and the Celery executor (``MIXSP_EXECUTOR=celery``,
+pipelines/defs/executors.py) runs each on a worker, on this or another machine. ``teacher_embeddings`` depends on every shard and merges them into the
 one cache; shards not materialised yet (e.g. only ``teacher_embeddings`` selected) it encodes itself first.
 """
 
