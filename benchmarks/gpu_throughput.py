@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 
 from benchmarks.corpus import SHIPPED_CORPUS, read_sentences
+from benchmarks.profile_encode import forward_passes
+from benchmarks.profile_encode import timed as profile_timed
 from mixsp_core.models.batching import BulkTokenizer, stream_plans
 from mixsp_core.models.encoder import Encoder
 from mixsp_core.models.tokenize_pool import TokenizerProcessPool
@@ -33,22 +34,9 @@ from mixsp_core.models.tokenize_pool import TokenizerProcessPool
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run of the script only
 
 
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
-    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call (CUDA synchronised), and the last result."""
-    out = fn()
-    seconds = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        seconds.append(time.perf_counter() - t0)
-    return seconds, out
+    """:func:`benchmarks.profile_encode.timed`, CUDA synchronised where it runs."""
+    return profile_timed(fn, repeats, DEVICE == "cuda")
 
 
 def rate_row(model: str, what: str, n: int, seconds: list[float], **extra: Any) -> dict[str, Any]:
@@ -67,15 +55,11 @@ def st_rows(key: str, folder: str, sentences: list[str], batches: list[int], rep
         model = SentenceTransformer(folder, device=DEVICE, model_kwargs={"dtype": torch.float32})
         if precision == "fp16":
             model.half()
-        sweep = {}
+        sweep, part = {}, sentences[:20000]
         for b in batches:  # one pass per size on a slice, then the best size in full
-            part = sentences[:20000]
-            model.encode(part[:2000], batch_size=b, normalize_embeddings=True)
-            sync()
-            t0 = time.perf_counter()
-            model.encode(part, batch_size=b, normalize_embeddings=True, convert_to_numpy=True)
-            sync()
-            sweep[b] = len(part) / (time.perf_counter() - t0)
+            seconds, _ = timed(lambda b=b: model.encode(part, batch_size=b, normalize_embeddings=True,
+                                                        convert_to_numpy=True), 1)
+            sweep[b] = len(part) / seconds[0]
         best = max(sweep, key=sweep.get)
         seconds, vectors = timed(lambda: model.encode(sentences, batch_size=best, normalize_embeddings=True,
                                                       convert_to_numpy=True), repeats)
@@ -97,8 +81,9 @@ def mixsp_rows(key: str, folder: str, sentences: list[str], reference: np.ndarra
     threads = BulkTokenizer(enc.tokenizer, enc.max_length, 8)
     pool = TokenizerProcessPool(enc.tokenizer, enc.max_length, processes)
     for name, tok in (("threads x8", threads), (f"pool x{processes}", pool)):
-        seconds, tokens = timed(lambda tok=tok: tok(sentences), repeats)
+        seconds, _ = timed(lambda tok=tok: tok(sentences), repeats)
         rows.append(rate_row(key, f"profile: tokenise, {name}", n, seconds, side="profile"))
+    pool.close()  # its processes not idle beside the encoder's own during the end-to-end runs
     for budget in budgets:
         enc.token_budget = budget
         enc.tokenize_processes = processes
@@ -107,21 +92,7 @@ def mixsp_rows(key: str, folder: str, sentences: list[str], reference: np.ndarra
         nb = sum(len(p.batches) for p in plans)
         rows.append(rate_row(key, f"profile: tokenise+plan (pool), budget {budget}, {nb} batches", n, seconds,
                              side="profile"))
-        model = enc.inference_model()
-        dev = [(torch.from_numpy(p.ids).to(DEVICE), p) for p in plans]
-
-        def forward_only() -> None:
-            with torch.inference_mode():
-                for ids, p in dev:
-                    for b in p.batches:
-                        x = ids[b.token_start:b.token_start + b.size * b.length].view(b.size, b.length)
-                        mask = None
-                        if b.padded:
-                            lengths = torch.from_numpy(p.lengths[b.row_start:b.row_start + b.size]).to(DEVICE)
-                            mask = torch.arange(b.length, device=DEVICE)[None, :] < lengths[:, None]
-                        model(input_ids=x, attention_mask=None if mask is None else mask.long()).last_hidden_state
-
-        seconds, _ = timed(forward_only, repeats)
+        seconds, _ = timed(forward_passes(enc.inference_model(), plans, DEVICE), repeats)
         rows.append(rate_row(key, f"profile: forward only (bound), budget {budget}", n, seconds, side="profile"))
         for processes_now, label in ((0, "before: threads"), (processes, f"after: pool x{processes}")):
             enc.tokenize_processes = processes_now
@@ -130,7 +101,6 @@ def mixsp_rows(key: str, folder: str, sentences: list[str], reference: np.ndarra
             cos = float(np.min(np.sum(np.asarray(vectors) * reference, axis=1)))
             rows.append(rate_row(key, f"mixsp bf16 budget {budget}, {label}", n, seconds, side="mixsp",
                                  max_abs_diff_vs_st_fp32=diff, min_cosine_vs_st_fp32=cos))
-    pool.close()
     return rows
 
 

@@ -23,8 +23,8 @@ from mixsp_core.models.batching import BulkTokenizer, stream_plans
 from mixsp_core.models.encoder import Encoder
 
 
-def timed(fn, repeats: int, sync: bool) -> tuple[float, object]:
-    """Median seconds of ``repeats`` calls of ``fn`` (after one warm-up call) and the last result."""
+def timed(fn, repeats: int, sync: bool) -> tuple[list[float], object]:
+    """Seconds of each of ``repeats`` calls of ``fn`` (after one warm-up call) and the last result."""
     out = fn()
     times = []
     for _ in range(repeats):
@@ -35,7 +35,26 @@ def timed(fn, repeats: int, sync: bool) -> tuple[float, object]:
         if sync:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return times, out
+
+
+def forward_passes(model: torch.nn.Module, plans: list, device: str):
+    """A function running ``model`` over the batches of ``plans`` (their ids already on ``device``, a
+    padding mask for padded batches), the outputs dropped: the model's share of an encode alone."""
+    on_device = [(torch.from_numpy(p.ids).to(device), p) for p in plans]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for ids, p in on_device:
+                for b in p.batches:
+                    x = ids[b.token_start:b.token_start + b.size * b.length].view(b.size, b.length)
+                    mask = None
+                    if b.padded:
+                        lengths = torch.from_numpy(p.lengths[b.row_start:b.row_start + b.size]).to(device)
+                        mask = (torch.arange(b.length, device=device)[None, :] < lengths[:, None]).long()
+                    model(input_ids=x, attention_mask=mask).last_hidden_state
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     rows: list[tuple[str, str, float]] = []
 
-    def row(model: str, what: str, seconds: float) -> None:
+    def row(model: str, what: str, times: list[float]) -> None:
+        seconds = statistics.median(times)
         rows.append((model, what, seconds))
         print(f"| {model} | {what} | {seconds * 1000:,.0f} ms | {n / seconds:,.0f} sent/s |", flush=True)
 
@@ -72,17 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                        args.repeats, False)
                 batches = sum(len(p.batches) for p in plans)
                 row(key, f"tokenise+plan, budget {budget} ({batches} batches)", seconds)
-                model = enc.inference_model()
-                dev_plans = [(torch.from_numpy(p.ids).to(args.device), p) for p in plans]
-
-                def forward_only() -> None:
-                    with torch.inference_mode():
-                        for ids, p in dev_plans:
-                            for b in p.batches:
-                                x = ids[b.token_start:b.token_start + b.size * b.length].view(b.size, b.length)
-                                model(input_ids=x).last_hidden_state.mean(dim=1, dtype=torch.float32)
-
-                seconds, _ = timed(forward_only, args.repeats, cuda)
+                seconds, _ = timed(forward_passes(enc.inference_model(), plans, args.device), args.repeats, cuda)
                 row(key, f"forward only, budget {budget}", seconds)
                 enc.token_budget = budget
                 seconds, _ = timed(lambda: enc.encode(sentences), args.repeats, cuda)

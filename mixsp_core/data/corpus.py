@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 
-from mixsp_core.data.senteval import read_text_lines
+from mixsp_core.data.senteval import iter_text_lines, read_text_lines
 from mixsp_core.errors import DataError
 from mixsp_core.io import write_text_atomic
 
@@ -164,12 +164,16 @@ def read_corpus(path: str | Path, *, allow_empty_lines: bool = True) -> list[str
     With ``allow_empty_lines=False`` a blank line is a ``DataError`` naming it (e.g. for inputs
     that must map one line to one embedding row).
     """
-    lines = read_text_lines(path)
-    if not allow_empty_lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                raise DataError(path, "empty line; expected one sentence per line", number)
-    return lines
+    return read_text_lines(path) if allow_empty_lines else list(sentence_lines(path))
+
+
+def sentence_lines(path: str | Path, encoding: str = "utf-8") -> Iterator[str]:
+    """The lines of ``path`` lazily (:func:`~mixsp_core.data.senteval.iter_text_lines`), each one sentence:
+    a blank line is a ``DataError`` naming it (inputs that map one line to one embedding row)."""
+    for number, line in enumerate(iter_text_lines(path, encoding), start=1):
+        if not line.strip():
+            raise DataError(path, "empty line; expected one sentence per line", number)
+        yield line
 
 
 def load_nli_triplets(snli_dir: str | Path, split: str) -> pd.DataFrame:

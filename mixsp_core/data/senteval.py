@@ -18,6 +18,7 @@ split). Whether the tasks a training config names are all present is checked whe
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -45,26 +46,39 @@ def read_text_lines(path: str | Path, encoding: str = "utf-8") -> list[str]:
 
     Splitting on ``\\n`` alone keeps line numbers equal to what editors show even when raw text
     holds other Unicode line separators. Missing file or undecodable bytes raise ``DataError``
-    (the latter with the 1-based line of the first bad byte).
+    (the latter with the 1-based line of the first bad byte). :func:`iter_text_lines` read at once.
     """
+    return list(iter_text_lines(path, encoding))
+
+
+def iter_text_lines(path: str | Path, encoding: str = "utf-8") -> Iterator[str]:
+    """:func:`read_text_lines` lazily: one line in memory at a time (a file larger than memory can be
+    streamed). Lines are cut at the byte ``\\n`` before decoding, so ``encoding`` must be one where that
+    byte only ever ends a line (UTF-8, Latin-1; not UTF-16). A read failing mid-file is a ``DataError``
+    naming the line it stopped at."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        fh = open(path, "rb")
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
     except OSError as error:
         raise DataError(path, f"cannot read: {error.strerror or error}") from None
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise DataError(path, f"bytes are not valid {encoding} ({error.reason} at byte {error.start})", line) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]  # a byte-order mark is not part of the first line's text
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the file's final newline ends the last line; it does not start a new one
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    with fh:
+        offset, number = 0, 0
+        try:
+            for number, raw in enumerate(fh, start=1):  # binary lines end at b"\n" only
+                try:
+                    line = raw.decode(encoding)
+                except UnicodeDecodeError as error:
+                    raise DataError(path, f"bytes are not valid {encoding} ({error.reason} at byte "
+                                          f"{offset + error.start})", number) from None
+                offset += len(raw)
+                if number == 1 and line.startswith("\ufeff"):
+                    line = line[1:]  # a byte-order mark is not part of the first line's text
+                line = line[:-1] if line.endswith("\n") else line  # the final newline starts no new line
+                yield line[:-1] if line.endswith("\r") else line
+        except OSError as error:  # the disk, not the data: still the file and line
+            raise DataError(path, f"cannot read: {error.strerror or error}", number + 1) from None
 
 
 def read_sts_subset(input_path: Path, gold_path: Path, task: str, subset: str) -> pd.DataFrame:

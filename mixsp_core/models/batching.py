@@ -56,19 +56,12 @@ class BulkTokenizer:
         self._tokenizer = tokenizer
         self._backend = None
         if getattr(tokenizer, "is_fast", False):
-            from tokenizers import Tokenizer
-
             # A copy: the wrapper resets truncation/padding on its own backend at every call.
-            backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-            backend.no_padding()
-            backend.enable_truncation(self.max_length)
-            self._backend = backend
+            self._backend = truncating_backend(tokenizer.backend_tokenizer.to_str(), self.max_length)
 
     def _ids(self, sentences: list[str]) -> list[list[int]]:
         if self._backend is not None:
-            # encode_batch_fast skips character offsets (not needed here); older tokenizers lack it
-            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-            return [e.ids for e in encode(sentences, add_special_tokens=True)]
+            return backend_ids(self._backend, sentences)
         out = self._tokenizer(sentences, truncation=True, max_length=self.max_length,
                               return_attention_mask=False, return_token_type_ids=False)
         return list(out["input_ids"])
@@ -83,9 +76,32 @@ class BulkTokenizer:
                 lists = list(itertools.chain.from_iterable(pool.map(self._ids, pieces)))
         else:
             lists = list(itertools.chain.from_iterable(map(self._ids, pieces)))
-        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-        ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
+        lengths, ids = id_arrays(lists, np.int64)
         return TokenizedChunk(ids, lengths)
+
+
+def truncating_backend(tokenizer_json: str, max_length: int):
+    """A Rust ``tokenizers.Tokenizer`` from its JSON, truncating at ``max_length``, never padding."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
+    backend.no_padding()
+    backend.enable_truncation(max_length)
+    return backend
+
+
+def backend_ids(backend, sentences: list[str]) -> list[list[int]]:
+    """Token ids of ``sentences`` by a Rust backend, special tokens added."""
+    # encode_batch_fast skips character offsets (not needed here); older tokenizers lack it
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(sentences, add_special_tokens=True)]
+
+
+def id_arrays(lists: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, concatenated ids)`` of per-sentence id lists, both ``dtype``."""
+    lengths = np.fromiter(map(len, lists), dtype=dtype, count=len(lists))
+    ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=int(lengths.sum()))
+    return lengths, ids
 
 
 # --------------------------------------------------------------------------- batch plans

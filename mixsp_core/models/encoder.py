@@ -309,8 +309,8 @@ class Encoder:
 def _default_tokenize_processes(device: torch.device) -> int:
     """Tokeniser processes an encoder starts by default: on CUDA all usable cores but two (the main
     thread and the prefetch thread), when there are at least 4 (fewer: the threads of one process do as
-    well); on CPU none. On the H200 host (16 cores) 14 processes tokenised 257k sentences/s, 8 137k/s and
-    8 threads of one process 104k/s."""
+    well); on CPU none. On the H200 host (16 cores, 100k sentences, 1,024 per task) 14 processes tokenised
+    257k sentences/s and 8 174k/s, against 104-109k/s for 8 threads of one process."""
     if device.type != "cuda":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

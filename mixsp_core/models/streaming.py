@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from mixsp_core.data.corpus import sentence_lines
 from mixsp_core.errors import DataError
 from mixsp_core.io import writing_npy_rows
 from mixsp_core.models.batching import chunk_sizes
@@ -46,8 +47,8 @@ STREAM_MMAP_THRESHOLD = 4 << 20
 class SentenceFile:
     """A text file of one sentence per line, read lazily; counted and checked when made.
 
-    Lines are split on ``\\n`` only (a trailing ``\\r`` dropped, a byte-order mark ignored), as
-    :func:`mixsp_core.data.senteval.read_text_lines` splits them; each line is one sentence, as written.
+    Lines are split as :func:`mixsp_core.data.senteval.iter_text_lines` splits them (on ``\\n`` only, a
+    trailing ``\\r`` dropped, a byte-order mark ignored); each line is one sentence, as written.
     A missing file, undecodable bytes (with the line and byte offset) and a blank line raise
     ``DataError`` naming the file and line. ``len()`` is the number of sentences. ``encoding``: one where
     the byte ``\\n`` ends a line (UTF-8, Latin-1; not UTF-16), since lines are cut before decoding.
@@ -63,35 +64,7 @@ class SentenceFile:
 
     def lines(self) -> Iterator[str]:
         """The sentences in file order, each checked as it is read."""
-        try:
-            fh = open(self.path, "rb")
-        except FileNotFoundError:
-            raise DataError(self.path, "file not found") from None
-        except OSError as error:
-            raise DataError(self.path, f"cannot read: {error.strerror or error}") from None
-        with fh:
-            offset, number = 0, 0
-            try:
-                for number, raw in enumerate(fh, start=1):  # binary lines end at b"\n" only
-                    yield self._sentence(raw, number, offset)
-                    offset += len(raw)
-            except OSError as error:  # the disk, not the data: still the input's file and line
-                raise DataError(self.path, f"cannot read: {error.strerror or error}", number + 1) from None
-
-    def _sentence(self, raw: bytes, number: int, offset: int) -> str:
-        """Line ``number`` (1-based; ``offset``: its first byte in the file) as a sentence, checked."""
-        try:
-            line = raw.decode(self.encoding)  # with its "\n": the reason is the whole file's
-        except UnicodeDecodeError as error:
-            raise DataError(self.path, f"bytes are not valid {self.encoding} ({error.reason} at byte "
-                                       f"{offset + error.start})", number) from None
-        if number == 1 and line.startswith("\ufeff"):
-            line = line[1:]  # a byte-order mark is not part of the first line's text
-        line = line[:-1] if line.endswith("\n") else line
-        line = line[:-1] if line.endswith("\r") else line
-        if not line.strip():
-            raise DataError(self.path, "empty line; expected one sentence per line", number)
-        return line
+        return sentence_lines(self.path, self.encoding)
 
     def chunks(self, sizes: Iterable[int]) -> Iterator[list[str]]:
         """Consecutive lists of ``sizes`` sentences (the last one shorter) covering the counted lines. A file
