@@ -82,13 +82,18 @@ def load_side(job: dict[str, Any]):
     if job.get("student"):
         from mixsp_core.models.checkpoint import load_embedder
 
-        model = load_embedder(str(folder), device=device)
+        # a trained checkpoint: precision / quantize / backend as `mixsp encode` passes them (OpenVINO int8
+        # calibrates on the warm-up sentences, the first the student is given)
+        model = load_embedder(str(folder), device=device, precision=job.get("precision") or "auto",
+                              quantize=job.get("quantize"), backend=job.get("backend") or "torch")
         return model, lambda s, batch_size=batch: model.encode(s, batch_size=batch_size, show_progress=False)
     from mixsp_core.models.encoder import Encoder
 
     budget = job.get("token_budget", "auto")
     model = Encoder(folder, device=device, show_progress=False, precision=job.get("precision", "auto"),
-                    quantize=job.get("quantize"), token_budget=budget)
+                    quantize=job.get("quantize"), token_budget=budget, backend=job.get("backend") or "torch")
+    if job.get("calibration"):  # OpenVINO int8: the peers' calibration sentences, not the timed ones
+        model.calibration = Path(job["calibration"]).read_text(encoding="utf-8").split("\n")[:-1]
     return model, lambda s, batch_size=batch: model.encode(s, batch_size=batch_size)
 
 

@@ -5,9 +5,9 @@
 For each model (a local sentence-transformers / HF folder) on the same corpus sentences (default 100k
 of ``benchmarks/data/corpus-100k.txt.gz``): sentence-transformers' ``encode`` in fp32 and fp16
 (``model.half()``) at each batch size of ``--st-batches`` (its best taken), and ``Encoder.encode``
-(bf16, exact-length batches) with the tokeniser in threads of one process (before) and in a process
-pool (after), each median of ``--repeats`` after a warm-up, text in, normalised float32 vectors on the
-host out. The profile rows time the parts alone: tokenising (threads / pool), tokenise + plan, and the
+(bf16, length-sorted batches, each chunk planned whole) with the tokeniser in threads of one process and
+in a process pool (at each chunk size of ``--chunk-sizes``), each median of ``--repeats`` after a warm-up,
+text in, normalised float32 vectors on the host out (``--st-batches ""``: ours only). The profile rows time the parts alone: tokenising (threads / pool), tokenise + plan, and the
 forward passes over pre-made batches (the GPU's bound). Needs only torch, transformers and
 sentence-transformers (what the H200 machine has).
 """
@@ -26,7 +26,7 @@ import torch
 from benchmarks.corpus import SHIPPED_CORPUS, read_sentences
 from benchmarks.profile_encode import forward_passes
 from benchmarks.profile_encode import timed as profile_timed
-from mixsp_core.models.batching import BulkTokenizer, stream_plans
+from mixsp_core.models.batching import CUDA_CHUNK_SENTENCES, BulkTokenizer, stream_plans
 from mixsp_core.models.encoder import Encoder
 from mixsp_core.models.tokenize_pool import TokenizerProcessPool
 
@@ -74,7 +74,7 @@ def st_rows(key: str, folder: str, sentences: list[str], batches: list[int], rep
 
 
 def mixsp_rows(key: str, folder: str, sentences: list[str], reference: np.ndarray, repeats: int,
-               budgets: list[int], processes: int) -> list[dict]:
+               budgets: list[int], processes: int, chunk_sizes: list[int]) -> list[dict]:
     enc = Encoder(folder, device=DEVICE, show_progress=False)
     rows = []
     n = len(sentences)
@@ -88,19 +88,26 @@ def mixsp_rows(key: str, folder: str, sentences: list[str], reference: np.ndarra
         enc.token_budget = budget
         enc.tokenize_processes = processes
         bulk = enc._bulk_tokenizer()
-        seconds, plans = timed(lambda: list(stream_plans(sentences, bulk, 64, budget, merge_tail=DEVICE == "cuda")), repeats)
+        seconds, plans = timed(lambda: list(stream_plans(sentences, bulk, 64, budget, chunk_size=enc.chunk_size,
+                                                         merge_tail=enc.merge_tail)), repeats)
         nb = sum(len(p.batches) for p in plans)
         rows.append(rate_row(key, f"profile: tokenise+plan (pool), budget {budget}, {nb} batches", n, seconds,
                              side="profile"))
         seconds, _ = timed(forward_passes(enc.inference_model(), plans, DEVICE), repeats)
         rows.append(rate_row(key, f"profile: forward only (bound), budget {budget}", n, seconds, side="profile"))
-        for processes_now, label in ((0, "before: threads"), (processes, f"after: pool x{processes}")):
-            enc.tokenize_processes = processes_now
+        default_chunk = enc.chunk_size
+        runs = [(0, default_chunk, "tokeniser threads")]
+        runs += [(processes, c, f"pool x{processes}, chunks of {c}") for c in chunk_sizes]
+        for processes_now, chunk, label in runs:
+            enc.tokenize_processes, enc.chunk_size = processes_now, chunk
             seconds, vectors = timed(lambda: enc.encode(sentences), repeats)
-            diff = float(np.abs(np.asarray(vectors) - reference).max())
-            cos = float(np.min(np.sum(np.asarray(vectors) * reference, axis=1)))
+            diff = cos = None
+            if reference is not None:
+                diff = float(np.abs(np.asarray(vectors) - reference).max())
+                cos = float(np.min(np.sum(np.asarray(vectors) * reference, axis=1)))
             rows.append(rate_row(key, f"mixsp bf16 budget {budget}, {label}", n, seconds, side="mixsp",
-                                 max_abs_diff_vs_st_fp32=diff, min_cosine_vs_st_fp32=cos))
+                                 max_abs_diff_vs_st_fp32=diff, min_cosine_vs_st_fp32=cos, chunk_size=chunk))
+        enc.chunk_size = default_chunk
     return rows
 
 
@@ -112,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--st-batches", default="64,128,256,512")
     parser.add_argument("--budgets", default="65536,131072")
     parser.add_argument("--processes", type=int, default=14)
+    parser.add_argument("--chunk-sizes", default=str(CUDA_CHUNK_SENTENCES),
+                        help="sentences per planned chunk for the pool runs (comma-separated sweep)")
     parser.add_argument("--out", default="gpu_throughput.json")
     args = parser.parse_args(argv)
     sentences = read_sentences(SHIPPED_CORPUS)[: args.sentences]
@@ -119,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                               "sentences": len(sentences), "rows": []}
     for spec in args.model:
         key, folder = spec.split("=", 1)
-        rows, reference = st_rows(key, folder, sentences, [int(b) for b in args.st_batches.split(",")], args.repeats)
+        rows, reference = [], None
+        if args.st_batches:  # "": ours only (a quicker sweep)
+            rows, reference = st_rows(key, folder, sentences, [int(b) for b in args.st_batches.split(",")],
+                                      args.repeats)
         report["rows"] += rows
         report["rows"] += mixsp_rows(key, folder, sentences, reference, args.repeats,
-                                     [int(b) for b in args.budgets.split(",")], args.processes)
+                                     [int(b) for b in args.budgets.split(",")], args.processes,
+                                     [int(c) for c in args.chunk_sizes.split(",")])
         Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
     return 0
 

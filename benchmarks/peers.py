@@ -21,6 +21,9 @@ bench venv's package versions and (static int8 only) the calibration sentences:
 - ``onnx-int8``: ``export_dynamic_quantized_onnx_model(model, <this CPU's config>, folder)``, the config from
   ``/proc/cpuinfo`` (:func:`int8_config_name`);
 - ``openvino``: ``SentenceTransformer(model_dir, backend="openvino")``, then ``model.save_pretrained(folder)``;
+  on a CPU with bf16 support OpenVINO then runs in bf16 (its default precision hint);
+- ``openvino-f32``: the same export loaded with ``model_kwargs={"ov_config": {"INFERENCE_PRECISION_HINT":
+  "f32"}}``: what a user who needs fp32 outputs runs;
 - ``openvino-int8``: ``export_static_quantized_openvino_model(model, OVQuantizationConfig(), folder,
   dataset_name=<a local folder>, ...)``: the function loads its calibration set with ``datasets.load_dataset``,
   which also takes a local folder of data files, so it gets a ``train.jsonl`` of corpus sentences and needs no
@@ -58,6 +61,7 @@ class Peer:
     label: str
     backend: str  # SentenceTransformer(..., backend=)
     step: str | None = None  # the sentence_transformers.backend export that adds its file; None: the plain export
+    ov_config: tuple[tuple[str, str], ...] = ()  # OpenVINO properties passed at load (model_kwargs["ov_config"])
 
 
 PEERS: dict[str, Peer] = {p.key: p for p in (
@@ -66,6 +70,7 @@ PEERS: dict[str, Peer] = {p.key: p for p in (
     Peer("onnx-o3", f"st onnx {O_LEVEL}", "onnx", "optimized"),
     Peer("onnx-int8", "st onnx int8 dynamic", "onnx", "dynamic-int8"),
     Peer("openvino", "st openvino", "openvino"),
+    Peer("openvino-f32", "st openvino f32", "openvino", ov_config=(("INFERENCE_PRECISION_HINT", "f32"),)),
     Peer("openvino-int8", "st openvino int8 static", "openvino", "static-int8"),
 )}
 
@@ -211,8 +216,8 @@ def load_peer(job: dict[str, Any]):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = int(threads)
         kwargs["session_options"] = options
-    elif threads:
-        kwargs["ov_config"] = {"INFERENCE_NUM_THREADS": int(threads)}
+    if peer.backend == "openvino" and (threads or peer.ov_config):
+        kwargs["ov_config"] = {**dict(peer.ov_config), **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})}
     return SentenceTransformer(str(folder), backend=peer.backend, model_kwargs=kwargs, device="cpu")
 
 

@@ -42,6 +42,7 @@ from benchmarks.models import (
     peak_bf16_tflops,
 )
 from benchmarks.peers import BENCH_PYTHON, CALIBRATION_SENTENCES, PEERS
+from benchmarks.quality import SETTINGS as QUALITY_SETTINGS
 from benchmarks.stats import fmt_range, ratio_summary, summary
 
 DEFAULT_OUT = REPO_ROOT / "data" / "reports" / "bench.json"
@@ -62,6 +63,7 @@ class Variant:
     baseline: str | None = None  # the st variant its ratio is taken against
     peer: str | None = None  # side "peer": a key of benchmarks.peers.PEERS
     batch_size: int | None = None  # None: --batch-size
+    backend: str = "torch"  # side mixsp: what runs the transformer (torch, openvino)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class ModelRun:
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     peer_info: dict[str, Any] = field(default_factory=dict)  # per peer: its export, sweep rates, best batch, dev
+    calibration: list[str] = field(default_factory=list)  # the static int8 calibration sentences (peers and ours)
 
 
 def variants_for(spec: ModelSpec, device: str, int8: bool) -> list[Variant]:
@@ -92,6 +95,12 @@ def variants_for(spec: ModelSpec, device: str, int8: bool) -> list[Variant]:
     if int8 and spec.hub_id is not None:
         out.append(Variant("mixsp int8", "mixsp", "fp32", quantize="int8", token_budget=None, baseline="st fp32"))
         out.append(Variant("mixsp bf16", "mixsp", "bf16", token_budget=None, baseline="st fp32"))
+    # `mixsp encode --backend openvino [--quantize int8]`, for the trained student too
+    out.append(Variant("mixsp openvino fp32", "mixsp", "fp32", token_budget=None, baseline="st fp32",
+                       backend="openvino"))
+    if int8:
+        out.append(Variant("mixsp openvino int8", "mixsp", "fp32", quantize="int8", token_budget=None,
+                           baseline="st fp32", backend="openvino"))
     return out
 
 
@@ -176,11 +185,12 @@ def measure(runs: list[ModelRun], args: argparse.Namespace, workdir: Path, queri
     if queries:
         query_file = workdir / "queries.txt"
         query_file.write_text("".join(s + "\n" for s in queries), encoding="utf-8")
-    total = args.repeats * sum(len(r.variants) for r in runs)
+    total = args.repeats * sum(sum(selected(v, args.only) for v in r.variants) for r in runs)
     done = 0
     for rep in range(args.repeats):
         for run in runs:
-            order = run.variants if rep % 2 == 0 else run.variants[::-1]
+            order = [v for v in run.variants if selected(v, args.only)]
+            order = order if rep % 2 == 0 else order[::-1]
             for v in order:
                 save = None
                 if vector_dir is not None and rep == args.repeats - 1 and v.side == "mixsp" and not v.quantize \
@@ -191,6 +201,7 @@ def measure(runs: list[ModelRun], args: argparse.Namespace, workdir: Path, queri
                     "batch_size": v.batch_size or args.batch_size, "sentences": str(files[run.spec.key]),
                     "peer": v.peer, "peer_dir": run.peer_info[v.peer]["export"]["folder"] if v.peer else None,
                     "precision": v.precision, "quantize": v.quantize, "token_budget": v.token_budget,
+                    "backend": v.backend, "calibration": _calibration_file(workdir, run, v),
                     "threads": args.threads, "warmup": args.warmup, "student": run.spec.hub_id is None,
                     "st_dir": str(workdir / "student-backbone"), "save_vectors": save,
                     "queries": str(query_file) if save and query_file else None,
@@ -203,6 +214,22 @@ def measure(runs: list[ModelRun], args: argparse.Namespace, workdir: Path, queri
                 run.results.setdefault(v.name, []).append(result)
 
 
+def selected(v: Variant, only: str) -> bool:
+    """Whether ``--only`` (comma list of name parts; '' for all) keeps variant ``v``."""
+    parts = [p.strip() for p in only.split(",") if p.strip()]
+    return not parts or any(p in v.name for p in parts)
+
+
+def _calibration_file(workdir: Path, run: ModelRun, v: Variant) -> str | None:
+    """OpenVINO int8 of ours: the file of sentences the peers' static int8 is calibrated on (when written)."""
+    path = calibration_path(workdir, run.spec.key)
+    return str(path) if v.backend == "openvino" and v.quantize and path.is_file() else None
+
+
+def calibration_path(workdir: Path, key: str) -> Path:
+    return workdir / f"{key}-calibration.txt"
+
+
 # --------------------------------------------------------------------------- peers (sentence-transformers backends)
 
 
@@ -210,7 +237,9 @@ def peer_variants(best: dict[str, int], ours: int) -> list[Variant]:
     """Each peer at our batch size and, where another size swept faster, at its best."""
     out = []
     for key, peer in PEERS.items():
-        sizes = [ours] + ([best[key]] if best.get(key, ours) != ours else [])
+        if key not in best:  # not among --peer-keys
+            continue
+        sizes = [ours] + ([best[key]] if best[key] != ours else [])
         out += [Variant(f"{peer.label} b{b}", "peer", peer=key, batch_size=b, baseline="st fp32") for b in sizes]
     return out
 
@@ -227,14 +256,17 @@ def prepare_peers(run: ModelRun, args: argparse.Namespace, workdir: Path, pool: 
         notes.append("openvino int8 static: calibrated on benchmarked sentences (the corpus has too few others)")
     base = {"side": "peer", "model_dir": str(run.folder), "device": args.device, "threads": args.threads,
             "warmup": args.warmup, "batch_size": args.batch_size}
-    cal_file = write_sentences(calibration, workdir / f"{run.spec.key}-calibration.txt")
+    cal_file = write_sentences(calibration, calibration_path(workdir, run.spec.key))
+    run.calibration = list(calibration)
     t0 = time.perf_counter()
-    exports = run_worker({**base, "task": "export", "name": run.spec.key, "peers": list(PEERS),
+    keys = [k for k in PEERS if k in args.peer_keys.split(",")]
+    exports = run_worker({**base, "task": "export", "name": run.spec.key, "peers": keys,
                           "sentences": str(cal_file)}, workdir, args.worker_timeout, args.peer_python)
     print(f"peers of {run.spec.label} ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     sweep_file = write_sentences(run.sentences[: args.sweep_sentences], workdir / f"{run.spec.key}-sweep.txt")
     sizes = [int(x) for x in args.batch_sweep.split(",") if x.strip()]
-    for key, peer in PEERS.items():
+    for key in keys:
+        peer = PEERS[key]
         job = {**base, "peer": key, "peer_dir": exports[key]["folder"]}
         rates = run_worker({**job, "task": "sweep", "sweep": sizes, "sentences": str(sweep_file)}, workdir,
                            args.worker_timeout, args.peer_python)["rates"]
@@ -247,7 +279,7 @@ def prepare_peers(run: ModelRun, args: argparse.Namespace, workdir: Path, pool: 
                                          args.worker_timeout, args.peer_python)
         run.peer_info[key] = info
     run.variants += peer_variants({k: v["best_batch"] for k, v in run.peer_info.items()}, args.batch_size)
-    versions = exports["torch"]["versions"]
+    versions = exports[keys[0]]["versions"]
     notes.append(f"st * b<N> rows: sentence-transformers {versions['sentence-transformers']} with transformers "
                  f"{versions['transformers']}, optimum-onnx {versions['optimum-onnx']}, optimum-intel "
                  f"{versions['optimum-intel']} (onnxruntime {versions['onnxruntime']}, openvino {versions['openvino']})"
@@ -347,7 +379,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{retrieval['reference_model']} |")
     quality = report.get("quality", {})
     if "fp32" in quality:
-        for name in ("fp32", "int8", "bf16"):
+        for name in [k for k in quality if k in QUALITY_SETTINGS]:
             tasks = ", ".join(f"{k} {v:.2f}" for k, v in quality[name]["tasks"].items())
             delta = f"{quality['delta'][name]:+.2f} points" if name in quality["delta"] else "-"
             lines.append(f"| dev Spearman | all-MiniLM-L6-v2 | mixsp {name} | {quality[name]['dev']:.2f} | "
@@ -413,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default="minilm",
                    help="CPU: models (comma list) also measured with sentence-transformers' torch / ONNX / OpenVINO "
                    "backends in the bench venv; '' for none")
+    p.add_argument("--peer-keys", default=",".join(PEERS),
+                   help=f"which peers (comma list of {', '.join(PEERS)}; default all)")
+    p.add_argument("--only", default="",
+                   help="measure only the variants whose name contains one of these (comma list; '' for all)")
     p.add_argument("--peer-python", default=str(BENCH_PYTHON),
                    help="python of the bench venv the peers run in (`make bench` builds it)")
     p.add_argument("--batch-sweep", default="16,32,64,128", help="batch sizes tried for each peer's best")
@@ -501,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from benchmarks.quality import dev_cost
 
-            report["quality"] = dev_cost(minilm.folder, senteval)
+            report["quality"] = dev_cost(minilm.folder, senteval, calibration=minilm.calibration or None)
     if args.stages and not cuda:
         from benchmarks.step_times import stage_times
 

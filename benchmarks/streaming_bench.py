@@ -62,12 +62,16 @@ def write_cycled_corpus(path: Path, n: int, corpus: Path = SHIPPED_CORPUS) -> tu
     return pool, path
 
 
+# offline, the packaged model, no tokenizer fork warnings: for the child and for this process's own check encode
+OFFLINE_ENV = (("HF_HUB_OFFLINE", "1"), ("MIXSP_PREFER_PACKAGED", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+               ("HF_HUB_DISABLE_PROGRESS_BARS", "1"))
+
+
 def child_env() -> dict[str, str]:
-    """The benchmark's environment for the child: offline, the packaged model, no tokenizer fork warnings."""
+    """The benchmark's environment for the child (:data:`OFFLINE_ENV` unless already set)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("MIXSP_PREFER_PACKAGED", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+    for key, value in OFFLINE_ENV:
         env.setdefault(key, value)
     return env
 
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     from mixsp_core.io import write_json_atomic
 
     args = build_parser().parse_args(argv)
+    for key, value in OFFLINE_ENV:  # the sample check loads the model here too, before huggingface_hub is imported
+        os.environ.setdefault(key, value)
     if args.sentences < 1 or args.in_memory < 0 or args.check_rows < 1:
         raise SystemExit("--sentences and --check-rows must be positive, --in-memory at least 0")
     mixsp = Path(sys.executable).parent / "mixsp"  # the venv's console script: the real CLI

@@ -4,7 +4,7 @@
     mixsp prepare  [--data SPEC] [--config params.yaml]       # pairs table + corpus, validated
     mixsp teacher  [--config params.yaml] [--shard K/N | --merge-shards]   # teacher embeddings (cached, sharded)
     mixsp encode   --model MODEL --input SENTENCES.txt --output OUT.npy [--dims K] [--batch-size N] [--device D]
-                   [--precision auto|fp32|bf16|fp16] [--quantize int8] [--token-budget N|auto]
+                   [--precision auto|fp32|bf16|fp16] [--quantize int8] [--token-budget N|auto] [--backend torch|openvino]
     mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
     mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
     mixsp train    [--config params.yaml]                     # the pipeline's student (params.yaml student)
@@ -70,8 +70,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _inference(args: argparse.Namespace) -> dict:
-    """``--precision`` / ``--quantize`` / ``--token-budget`` as ``load_embedder`` keywords."""
-    return {"precision": args.precision, "quantize": args.quantize, "token_budget": args.token_budget}
+    """``--precision`` / ``--quantize`` / ``--token-budget`` / ``--backend`` as ``load_embedder`` keywords."""
+    return {"precision": args.precision, "quantize": args.quantize, "token_budget": args.token_budget,
+            "backend": args.backend}
 
 
 def _load(model: str, device: str | None, dims: int | None, inference: dict):
@@ -479,7 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                        help="encoder weights while encoding (auto: bf16 on CUDA, fp32 on CPU)")
         p.add_argument("--quantize", default=None, choices=("int8",),
-                       help="dynamic int8 linear layers (CPU, fp32)")
+                       help="int8 (CPU, fp32): dynamic int8 linear layers on torch, static int8 (NNCF, calibrated "
+                            "on the first 300 sentences) on openvino")
+        p.add_argument("--backend", default="torch", choices=("torch", "openvino"),
+                       help="what runs the transformer: torch, or OpenVINO on the CPU (converted once, cached)")
         p.add_argument("--token-budget", type=_token_budget, default="auto",
                        help="tokens per batch instead of --batch-size sentences (auto: 65536 on CUDA, off on CPU)")
         if name == "encode":

@@ -12,7 +12,8 @@ import pytest
 from benchmarks.corpus import REPO_ROOT
 from benchmarks.models import MODELS
 from benchmarks.peers import PEERS, cache_key, int8_config_name
-from benchmarks.run import ModelRun, Variant, markdown, peer_variants, summarise
+from benchmarks.run import (ModelRun, Variant, _calibration_file, calibration_path, markdown, peer_variants, summarise,
+                            variants_for)
 
 
 def test_peer_variants_add_the_best_batch_only_where_it_differs():
@@ -24,6 +25,20 @@ def test_peer_variants_add_the_best_batch_only_where_it_differs():
     assert "st openvino b64" in names and len(names) == len(PEERS) + 2
     assert all(v.side == "peer" and v.baseline == "st fp32" for v in variants)
     assert {v.peer for v in variants} == set(PEERS)
+
+
+def test_cpu_variants_run_ours_on_openvino_with_the_peers_calibration(tmp_path):
+    variants = {v.name: v for v in variants_for(MODELS["minilm"], "cpu", int8=True)}
+    ov, ov_int8 = variants["mixsp openvino fp32"], variants["mixsp openvino int8"]
+    assert (ov.backend, ov.quantize, ov_int8.backend, ov_int8.quantize) == ("openvino", None, "openvino", "int8")
+    assert variants["mixsp fp32"].backend == "torch"
+    assert "mixsp openvino int8" not in {v.name for v in variants_for(MODELS["minilm"], "cpu", int8=False)}
+    assert all(v.backend == "torch" for v in variants_for(MODELS["minilm"], "cuda", int8=True))
+    run = _run({}, list(variants.values()))
+    assert _calibration_file(tmp_path, run, ov_int8) is None  # no peers prepared: ours calibrates on its warm-up
+    calibration_path(tmp_path, "minilm").write_text("a\n", encoding="utf-8")
+    assert _calibration_file(tmp_path, run, ov_int8) == str(calibration_path(tmp_path, "minilm"))
+    assert _calibration_file(tmp_path, run, ov) is None  # fp32 reads no calibration
 
 
 def _run(rates: dict[str, list[float]], variants: list[Variant]) -> ModelRun:
@@ -98,3 +113,12 @@ def test_bench_venv_keeps_the_products_torch():
         return pins[0]
 
     assert torch_pin(REPO_ROOT / "benchmarks" / "requirements.txt") == torch_pin(REPO_ROOT / "requirements.txt")
+
+
+def test_only_and_peer_keys_narrow_a_run():
+    from benchmarks.run import selected
+
+    int8 = Variant("mixsp openvino int8", "mixsp")
+    assert selected(int8, "") and selected(int8, "st fp32, int8") and not selected(int8, "st fp32")
+    names = [v.name for v in peer_variants({"openvino-int8": 32}, 64)]  # only the peers that were prepared
+    assert names == ["st openvino int8 static b64", "st openvino int8 static b32"]

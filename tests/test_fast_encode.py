@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixsp_core.models.batching import BulkTokenizer, TokenizedChunk, gather_tokens, plan_chunk, stream_plans
+from mixsp_core.models.batching import (BulkTokenizer, TokenizedChunk, gather_tokens, plan_chunk, plan_chunks,
+                                        split_chunks, stream_plans)
 from mixsp_core.models.encode_loop import encode_planned, encode_with
 from mixsp_core.models.encoder import Encoder
 
@@ -115,6 +116,34 @@ def test_stream_plans_chunks_cover_everything():
     assert sorted(seen) == list(range(len(lengths)))
     with pytest.raises(ValueError, match="batch_size"):
         list(stream_plans(sentences, tokenize, batch_size=0))
+
+
+def test_merge_tail_plans_every_chunk_whole_and_read_ahead_changes_nothing():
+    """CUDA's planning: nothing is carried, so chunk k's plan holds exactly chunk k's sentences (the GPU
+    runs it while the next chunk is tokenised); tokenising two chunks ahead gives the same plans."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(2, 40, size=700).tolist()
+    sentences = [str(i) for i in range(len(lengths))]
+
+    def tokenize(chunk):
+        return _tokens([lengths[int(s)] for s in chunk])
+
+    def plans(read_ahead, merge_tail):
+        return list(plan_chunks(split_chunks(sentences, 128), tokenize, 16, token_budget=200,
+                                merge_tail=merge_tail, read_ahead=read_ahead))
+
+    whole = plans(2, True)
+    starts = np.cumsum([0, *[len(c) for c in split_chunks(sentences, 128)]])
+    assert [sorted(p.rows.tolist()) for p in whole] == [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+    assert any(b.padded for p in whole for b in p.batches)  # partial groups pooled, not carried
+    for merge_tail in (True, False):
+        one, two = plans(1, merge_tail), plans(2, merge_tail)
+        assert [p.rows.tolist() for p in one] == [p.rows.tolist() for p in two]
+        assert all((a.ids == b.ids).all() and a.batches == b.batches for a, b in zip(one, two))
+    carried = plans(1, False)
+    assert len(carried[0].rows) < 128  # CPU: partial groups wait for the next chunk
+    with pytest.raises(ValueError, match="read_ahead"):
+        list(plan_chunks([sentences], tokenize, 16, read_ahead=0))
 
 
 def test_gather_tokens_reorders():
@@ -321,7 +350,7 @@ def test_wrapped_models_encode_through_the_fast_path(tiny_bert_dir, tmp_path, mo
     np.testing.assert_allclose(pca.encode(SENTENCES, show_progress=False), chain.apply(plain), atol=1e-4)
     assert calls == ["student"]
     bf16 = load_embedder(tmp_path / "pca8", device="cpu", precision="bf16", token_budget=64)
-    assert bf16.base.inference == {"precision": "bf16", "quantize": None, "token_budget": 64}
+    assert bf16.base.inference == {"precision": "bf16", "quantize": None, "token_budget": 64, "backend": "torch"}
     truncated = load_embedder(tiny_bert_dir, device="cpu", dims=8, quantize="int8")
     assert isinstance(truncated, TruncatedEncoder) and truncated.quantize == "int8"
     assert truncated.encode(SENTENCES, show_progress=False).shape == (len(SENTENCES), 8)

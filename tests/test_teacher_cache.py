@@ -141,7 +141,7 @@ def test_precision_and_quantize_are_recorded_and_checked(tmp_path, teacher, tiny
     TeacherCache(tmp_path, MODEL).encode(FIRST, teacher, show_progress=False)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["encoder"] == {"pooling": "mean", "normalize": True, "max_length": teacher.max_length,
-                               "precision": "fp32", "quantize": None, "token_budget": None}
+                               "precision": "fp32", "quantize": None, "backend": "torch", "token_budget": None}
     for other, setting in ((Encoder(tiny_teacher_dir, device="cpu", precision="bf16"), "precision: cache 'fp32'"),
                            (Encoder(tiny_teacher_dir, device="cpu", quantize="int8"), "quantize: cache None")):
         with pytest.raises(DataError, match=rf"meta\.json: encoder settings differ.*{setting}"):

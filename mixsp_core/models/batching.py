@@ -3,9 +3,11 @@
 The plan groups sentences by their exact token count, so a batch has no padding at all: the model
 runs without an attention mask (transformers then takes SDPA's fastest kernel), mean pooling is a
 plain mean, and no FLOP is spent on pad tokens. Sentences are tokenised once, in bulk, by the Rust
-tokenizer on several threads (it releases the GIL), in chunks that a background thread prepares
-while the previous chunk is encoded. A length group's partial last batch is carried into the next
-chunk, so only the final chunk has partial batches. The chunks can come from a list
+tokenizer on several threads (it releases the GIL) or processes, in chunks that background threads
+prepare while the previous chunk is encoded. On CPU a length group's partial last batch is carried
+into the next chunk, so only the final chunk has partial batches; on CUDA (``merge_tail``) each chunk's
+partial groups are pooled into a few padded batches at once, so each chunk is encoded as soon as it is
+tokenised and the tokeniser runs beside the GPU, not before it. The chunks can come from a list
 (:func:`stream_plans`) or lazily, from a file read as it is encoded (:func:`plan_chunks`); either way
 the same chunk sizes give the same batches.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +27,19 @@ import numpy as np
 
 _SENTENCES_PER_TOKENIZER_CALL = 2048  # sentences per tokenizer call in the thread pool
 _FIRST_CHUNK_SENTENCES = 8192  # a small first chunk: the model starts while the rest is tokenised
+# Sentences per chunk. CPU: what a streamed encode holds at a time (a chunk's text, ids and float32 outputs:
+# 16384 x 384 x 4 B = 25 MB for MiniLM; at 65536, 100 MB, a million-line `mixsp encode` peaked at 1,003 MB RSS),
+# partial batches carried to the next chunk. CUDA: each chunk is planned
+# whole and is what the GPU runs while the next ones are tokenised. H200, 100k sentences, budget 65536,
+# 14 tokeniser processes (benchmarks/gpu_throughput.py): MiniLM 151k / 153k / 150k sentences/s at 16384 /
+# 32768 / 65536 per chunk; mpnet 62k / 66k at 16384 / 32768.
+CPU_CHUNK_SENTENCES = 16384
+CUDA_CHUNK_SENTENCES = 32768
+
+
+def default_chunk_size(device_type: str) -> int:
+    """Sentences per planned chunk on ``device_type`` (``"cuda"``, else CPU)."""
+    return CUDA_CHUNK_SENTENCES if device_type == "cuda" else CPU_CHUNK_SENTENCES
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -254,7 +270,7 @@ def split_chunks(sentences: Sequence[str], chunk_size: int) -> Iterator[Sequence
 
 
 def stream_plans(sentences: Sequence[str], tokenize: Callable[[Sequence[str]], TokenizedChunk],
-                 batch_size: int, token_budget: int | None = None, chunk_size: int = 65536,
+                 batch_size: int, token_budget: int | None = None, chunk_size: int = CPU_CHUNK_SENTENCES,
                  merge_tail: bool = False, pad_id: int = 0) -> Iterator[PlannedChunk]:
     """Plans covering every sentence exactly once, chunk by chunk (see :func:`plan_chunk`), the chunks
     cut by :func:`split_chunks`: :func:`plan_chunks` over the slices of one list."""
@@ -263,37 +279,55 @@ def stream_plans(sentences: Sequence[str], tokenize: Callable[[Sequence[str]], T
 
 def plan_chunks(chunks: Iterable[Sequence[str]], tokenize: Callable[[Sequence[str]], TokenizedChunk],
                 batch_size: int, token_budget: int | None = None, merge_tail: bool = False,
-                pad_id: int = 0) -> Iterator[PlannedChunk]:
+                pad_id: int = 0, read_ahead: int = 1) -> Iterator[PlannedChunk]:
     """Plans covering every sentence of ``chunks`` (consecutive lists, read lazily: a file streamed)
     exactly once; ``rows`` count sentences across all chunks (row i: the i-th sentence of the stream).
 
-    The next chunk is read from ``chunks`` while the current one is tokenised and tokenised in a
-    background thread while the caller encodes the current one; the last chunk (the one ``chunks``
-    ends after) keeps its partial batches. Held at a time: the sentences of one chunk read ahead, the
-    ids of two chunks, and the carried partial batches (under ``batch_size`` per token length).
+    The next chunk is read from ``chunks`` while the queued ones are tokenised, ``read_ahead`` chunks at
+    a time in background threads, while the caller encodes the current one. Without ``merge_tail``
+    partial batches are carried to the next chunk and only the last chunk (the one ``chunks`` ends
+    after) keeps them; with it every chunk is planned whole (:func:`plan_chunk`'s ``final``). Held at a
+    time: the sentences of one chunk read ahead, the ids of ``read_ahead + 1`` chunks, and the carried
+    partial batches (under ``batch_size`` per token length).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if token_budget is not None and token_budget < 1:
         raise ValueError(f"token_budget must be positive or None, got {token_budget}")
+    if read_ahead < 1:
+        raise ValueError(f"read_ahead must be positive, got {read_ahead}")
     source = (chunk for chunk in chunks if len(chunk))
     carry_rows = np.zeros(0, dtype=np.int64)
     carry = TokenizedChunk(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    with ThreadPoolExecutor(1, thread_name_prefix="mixsp-prefetch") as prefetch:
-        chunk = next(source, None)
-        if chunk is None:
-            return
-        future: Future = prefetch.submit(tokenize, chunk)
-        lo = 0
-        while chunk is not None:
-            hi = lo + len(chunk)
-            chunk = next(source, None)  # read ahead while the current chunk is tokenised: is it the last?
-            tokens = future.result()
-            if chunk is not None:
-                future = prefetch.submit(tokenize, chunk)
-            rows = np.concatenate([carry_rows, np.arange(lo, hi, dtype=np.int64)])
+    queued: deque[tuple[int, int, Future]] = deque()  # (first row, end row, its tokens), oldest first
+    with ThreadPoolExecutor(read_ahead, thread_name_prefix="mixsp-prefetch") as prefetch:
+        chunk, lo = next(source, None), 0
+
+        def whole_plan(start: int, chunk: Sequence[str]) -> PlannedChunk:  # merge_tail: nothing carried
+            rows = np.arange(start, start + len(chunk), dtype=np.int64)
+            return plan_chunk(rows, tokenize(chunk), batch_size, token_budget, True, True, pad_id)[0]
+
+        def top_up() -> None:  # keep read_ahead chunks tokenising, the next one read meanwhile
+            nonlocal chunk, lo
+            while len(queued) < read_ahead and chunk is not None:
+                # merge_tail: planned in the background thread too, the caller's thread only encodes
+                task = prefetch.submit(whole_plan, lo, chunk) if merge_tail else prefetch.submit(tokenize, chunk)
+                queued.append((lo, lo + len(chunk), task))
+                lo += len(chunk)
+                chunk = next(source, None)
+
+        top_up()
+        while queued:
+            start, end, future = queued.popleft()
+            result = future.result()
+            top_up()  # the next chunks tokenise while this one is planned and encoded
+            if merge_tail:
+                yield result
+                continue
+            tokens = result
+            final = chunk is None and not queued
+            rows = np.concatenate([carry_rows, np.arange(start, end, dtype=np.int64)])
             tokens = _concat_chunks(carry, tokens)
-            plan, left = plan_chunk(rows, tokens, batch_size, token_budget, chunk is None, merge_tail, pad_id)
+            plan, left = plan_chunk(rows, tokens, batch_size, token_budget, final, merge_tail, pad_id)
             carry_rows, carry = rows[left], _select_sentences(tokens, left)
-            lo = hi
             yield plan

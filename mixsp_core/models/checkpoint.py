@@ -405,7 +405,7 @@ class TruncatedEncoder:
 
 def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = None, dims: int | None = None,
                   max_length: int = 256, precision: str = "auto", quantize: str | None = None,
-                  token_budget: int | str | None = "auto"):
+                  token_budget: int | str | None = "auto", backend: str = "torch"):
     """Whatever the CLI's ``--model`` names, ready to use:
 
     * a directory this project saved (config.json with ``"mixsp_kind"``): a :class:`BiStudent`
@@ -415,7 +415,7 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
     ``dims`` keeps the first k output dimensions (re-normalised). A directory with a ``transform/``
     folder (a compressed model, :mod:`mixsp_core.compress`) comes wrapped in its fitted transform. A
     directory with a broken or missing checkpoint file raises CheckpointError naming the file.
-    ``precision`` / ``quantize`` / ``token_budget``: how an embedder encodes (fast path; see
+    ``precision`` / ``quantize`` / ``token_budget`` / ``backend``: how an embedder encodes (fast path; see
     :class:`~mixsp_core.models.encoder.Encoder`); a cross model takes only the defaults.
     """
     from mixsp_core.compress import TRANSFORM_SUBDIR, transform_dir, wrap_if_transformed
@@ -429,9 +429,9 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
     if path.is_dir() and (is_checkpoint(path) or (looks_saved and not cfg.is_file())):
         model = load_checkpoint(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if model.kind == "bi":
-            model.configure_inference(precision, quantize, token_budget)
-        elif (precision, quantize, token_budget) != ("auto", None, "auto"):
-            raise ValueError(f"{path}: precision / quantize / token budget apply to embedders; "
+            model.configure_inference(precision, quantize, token_budget, backend=backend)
+        elif (precision, quantize, token_budget, backend) != ("auto", None, "auto", "torch"):
+            raise ValueError(f"{path}: precision / quantize / token budget / backend apply to embedders; "
                              "a cross model scores pairs")
         if dims is not None:
             if model.kind != "bi":
@@ -448,7 +448,7 @@ def load_embedder(name_or_path: str | os.PathLike[str], device: str | None = Non
     from mixsp_core.models.encoder import Encoder
 
     encoder = Encoder(name_or_path, device=device, max_length=max_length, precision=precision, quantize=quantize,
-                      token_budget=token_budget)
+                      token_budget=token_budget, backend=backend)
     if dims is not None:
         if not 1 <= dims <= encoder.dim:
             raise ValueError(f"dims must lie in 1..{encoder.dim}, got {dims}")

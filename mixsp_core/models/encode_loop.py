@@ -19,7 +19,8 @@ from typing import TypeAlias
 import numpy as np
 import torch
 
-from mixsp_core.models.batching import Batch, BulkTokenizer, PlannedChunk, TokenizedChunk, plan_chunks, split_chunks
+from mixsp_core.models.batching import (CPU_CHUNK_SENTENCES, Batch, BulkTokenizer, PlannedChunk, TokenizedChunk,
+                                        default_chunk_size, plan_chunks, split_chunks)
 from mixsp_core.models.malloc_tuning import tune_malloc
 from mixsp_core.progress import encode_bar
 
@@ -33,7 +34,7 @@ Block: TypeAlias = "tuple[np.ndarray, dict[int, np.ndarray]]"  # (rows, {key: (l
 def encode_planned(sentences: Sequence[str], tokenize: Callable[[Sequence[str]], TokenizedChunk],
                    forward: PooledForward, widths: dict[int, int], device: torch.device, batch_size: int,
                    token_budget: int | None = None, merge_tail: bool = False, pad_id: int = 0,
-                   chunk_size: int = 65536, show_progress: bool = True, workers: int = 1,
+                   chunk_size: int = CPU_CHUNK_SENTENCES, show_progress: bool = True, workers: int = 1,
                    desc: str = "encode") -> dict[int, np.ndarray]:
     """``{key: (len(sentences), widths[key]) float32}``, row i for ``sentences[i]``: the blocks of
     :func:`iter_planned` over the list cut by :func:`~mixsp_core.models.batching.split_chunks`, gathered."""
@@ -88,7 +89,10 @@ def iter_planned(chunks: Iterable[Sequence[str]], tokenize: Callable[[Sequence[s
     lock = threading.Lock()
     pending: tuple[np.ndarray, dict[int, torch.Tensor], torch.cuda.Event] | None = None
     with bar:
-        for plan in plan_chunks(chunks, tokenize, batch_size, token_budget, merge_tail, pad_id):
+        # CUDA: two chunks tokenise ahead, so the GPU never waits for one (the tokeniser pool's workers
+        # are shared by both; on CPU the tokeniser's threads would take cores from the model)
+        for plan in plan_chunks(chunks, tokenize, batch_size, token_budget, merge_tail, pad_id,
+                                read_ahead=2 if cuda else 1):
             out = _run_plan(plan, forward, widths, device, workers, bar, lock)
             if not cuda:
                 yield plan.rows, {k: v.numpy() for k, v in out.items()}
@@ -160,8 +164,8 @@ def encode_with(sentences: Sequence[str], tokenizer, max_length: int, forward: P
     side by side on ``torch.get_num_threads()`` threads, as in :class:`mixsp_core.models.encoder.Encoder`.
     """
     sentences = list(sentences)
-    blocks = stream_with(split_chunks(sentences, 65536), tokenizer, max_length, forward, dim, device, batch_size,
-                         show_progress, token_budget, total=len(sentences))
+    blocks = stream_with(split_chunks(sentences, default_chunk_size(device.type)), tokenizer, max_length, forward, dim,
+                         device, batch_size, show_progress, token_budget, total=len(sentences))
     return gather_blocks(blocks, len(sentences), {-1: dim})[-1]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -14,13 +15,14 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, PretrainedConfig, PreTrainedModel
 
 from mixsp_core.data.corpus import check_sentences
-from mixsp_core.models.batching import BulkTokenizer
+from mixsp_core.models.batching import BulkTokenizer, default_chunk_size
 from mixsp_core.models.encode_loop import encode_planned, iter_planned, key_blocks
 from mixsp_core.models.inference import InferenceCopy, resolve_inference
 from mixsp_core.models.integrity import check_loaded_hf_encoder
 from mixsp_core.models.malloc_tuning import tune_malloc
 from mixsp_core.models.pooling import POOLINGS, mean_pool, pool
 from mixsp_core.models.resolve import canonical_id, check_hf_folder, packaged_model_path, resolve_model
+from mixsp_core.models.openvino_backend import first_sentences
 from mixsp_core.models.tokenize_pool import TokenizerProcessPool
 from mixsp_core.progress import encode_bar
 
@@ -64,6 +66,9 @@ class Encoder:
       (:class:`~mixsp_core.models.tokenize_pool.TokenizerProcessPool`, started at the first encode; a
       fast tokenizer only); 0: threads in this process. Default: on CUDA the host's cores but two (the
       GPU outruns one process's tokeniser), on CPU 0 (the cores are the model's);
+    * ``backend``: ``"torch"``, or ``"openvino"`` (CPU: the transformer converted and compiled by OpenVINO,
+      fp32 equal to torch's vectors, bf16, or static int8 calibrated on the first sentences encoded; see
+      :mod:`mixsp_core.models.openvino_backend`);
     * ``fast=False``: the plain loop (padded batches in character-length order, fp32 weights with
       bf16 autocast on CUDA), kept as the reference.
 
@@ -82,6 +87,7 @@ class Encoder:
         quantize: str | None = None,
         token_budget: int | str | None = "auto",
         fast: bool = True,
+        backend: str = "torch",
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -92,18 +98,22 @@ class Encoder:
         self.normalize = normalize
         self.show_progress = show_progress
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        settings = resolve_inference(precision, quantize, token_budget, self.device)
+        settings = resolve_inference(precision, quantize, token_budget, self.device, backend)
+        self.backend = backend
         self.precision: str = settings[0]
         self.quantize: str | None = settings[1]
         self.token_budget: int | None = settings[2]
         self.fast = fast
-        # On CUDA, rare lengths go into a few padded batches (fewer launches); on CPU every FLOP counts.
+        # On CUDA each chunk's rare lengths go into a few padded batches (fewer launches, and nothing
+        # carried: a chunk runs on the GPU while the next is tokenised); on CPU every FLOP counts.
         self.merge_tail = self.device.type == "cuda"
-        self.chunk_size = 65536
+        self.chunk_size = default_chunk_size(self.device.type)
         self.tokenize_threads: int | None = None
         self.tokenize_processes: int = _default_tokenize_processes(self.device)
         # CPU: batches run side by side on this many threads, one intra-op thread each (None: torch's count)
         self.cpu_workers: int | None = None
+        # sentences that calibrate OpenVINO int8 when it is first built (None: the first 300 encoded)
+        self.calibration: Sequence[str] | None = None
         self._infer_copy = InferenceCopy()
         self._bulk: tuple[tuple, BulkTokenizer | TokenizerProcessPool] | None = None
         self.source = resolve_model(self.name)
@@ -139,7 +149,8 @@ class Encoder:
         return (
             f"Encoder({self.name!r}, pooling={self.pooling!r}, normalize={self.normalize}, "
             f"device={str(self.device)!r}, max_length={self.max_length}, dim={self.dim}, "
-            f"precision={self.precision!r}, quantize={self.quantize!r}, token_budget={self.token_budget})"
+            f"precision={self.precision!r}, quantize={self.quantize!r}, token_budget={self.token_budget}, "
+            f"backend={self.backend!r})"
         )
 
     # ------------------------------------------------------------------ differentiable API
@@ -206,7 +217,8 @@ class Encoder:
             return self._run_plain(sentences, batch_size, show, layers)
         if self.device.type == "cpu":
             tune_malloc()
-        return encode_planned(sentences, chunk_size=self.chunk_size, **self._fast_settings(batch_size, show, layers))
+        return encode_planned(sentences, chunk_size=self.chunk_size,
+                              **self._fast_settings(batch_size, show, layers, sentences))
 
     def encode_stream(self, chunks: Iterable[Sequence[str]], batch_size: int = 64,
                       show_progress: bool | None = None, total: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -222,17 +234,26 @@ class Encoder:
         show = self.show_progress if show_progress is None else show_progress
         if self.device.type == "cpu":
             tune_malloc()
-        blocks = iter_planned((check_sentences(chunk) for chunk in chunks), total=total,
-                              **self._fast_settings(batch_size, show, None))
+        chunks = iter(chunks)
+        first = check_sentences(next(chunks, []))  # read now: its first sentences may calibrate int8
+        rest = (check_sentences(chunk) for chunk in chunks)
+        blocks = iter_planned(itertools.chain([first], rest), total=total,
+                              **self._fast_settings(batch_size, show, None, first))
         return key_blocks(blocks, -1)
 
-    def _fast_settings(self, batch_size: int, show: bool, layers: list[int] | None) -> dict:
-        """The fast path's arguments (:func:`~mixsp_core.models.encode_loop.iter_planned`) but the input."""
+    def _fast_settings(self, batch_size: int, show: bool, layers: list[int] | None,
+                       sentences: Sequence[str]) -> dict:
+        """The fast path's arguments (:func:`~mixsp_core.models.encode_loop.iter_planned`) but the input
+        (``sentences``: its first ones, which calibrate an int8 OpenVINO model when it is first built)."""
         keys = layers if layers is not None else [-1]
         pad_id = self.tokenizer.pad_token_id
+        if layers is not None and self.backend != "torch":
+            raise ValueError(f"encode_layers runs on backend 'torch' (this encoder: {self.backend!r})")
+        bulk = self._bulk_tokenizer()
+        calibration = self.calibration if self.calibration is not None else sentences
         return {
-            "tokenize": self._bulk_tokenizer(),
-            "forward": self._pooled_forward(self.inference_model(), layers),
+            "tokenize": bulk,
+            "forward": self._pooled_forward(self.inference_model(lambda: bulk(first_sentences(calibration))), layers),
             "widths": {k: self.dim for k in keys},
             "device": self.device,
             "batch_size": batch_size,
@@ -252,6 +273,8 @@ class Encoder:
             bulk = (TokenizerProcessPool(self.tokenizer, self.max_length, processes) if processes > 0
                     else BulkTokenizer(self.tokenizer, self.max_length, self.tokenize_threads))
             self._bulk = (key, bulk)
+        if isinstance(self._bulk[1], TokenizerProcessPool):
+            self._bulk[1].start()  # forked here, in the calling thread, before the prefetch threads run
         return self._bulk[1]
 
     def _pooled_forward(self, model: torch.nn.Module, layers: list[int] | None):
@@ -274,10 +297,13 @@ class Encoder:
             pooled = mean_pool(hidden.float(), mask)
         return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
 
-    def inference_model(self) -> torch.nn.Module:
-        """The module the fast path runs: ``self.model`` in fp32, else a cached cast / int8-weight copy
-        (rebuilt when ``self.model``'s weights have changed since)."""
-        return self._infer_copy.get(self.model, self.precision, self.quantize)
+    def inference_model(self, calibration=None):
+        """The module the fast path runs: ``self.model`` in fp32, else a cached cast / int8-weight copy or
+        the compiled OpenVINO model (rebuilt when ``self.model``'s weights have changed since);
+        ``calibration``: a callable giving the token ids that calibrate OpenVINO int8."""
+        workers = self.cpu_workers if self.cpu_workers is not None else torch.get_num_threads()
+        return self._infer_copy.get(self.model, self.precision, self.quantize, self.backend, calibration,
+                                    streams=workers)
 
     def _run_plain(
         self, sentences: list[str], batch_size: int, show: bool, layers: list[int] | None

@@ -10,24 +10,36 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import torch
+
+from mixsp_core.models.batching import TokenizedChunk
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The values of the ``quantize`` option (CLI ``--quantize int8``); None keeps the float weights.
 WEIGHT_QUANTIZATIONS = (None, "int8")
+# What runs the transformer (CLI ``--backend``): torch, or OpenVINO on the CPU (mixsp_core.models.openvino_backend)
+BACKENDS = ("torch", "openvino")
 CUDA_TOKEN_BUDGET = 65536  # tokens per batch on CUDA ("auto"): few, large batches keep the GPU busy
 
 
 def resolve_inference(precision: str, quantize: str | None, token_budget: int | str | None,
-                      device: torch.device) -> tuple[str, str | None, int | None]:
+                      device: torch.device, backend: str = "torch") -> tuple[str, str | None, int | None]:
     """Check the inference-only options for ``device`` and resolve their ``"auto"`` values.
 
     ``precision``: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or a key of :data:`PRECISIONS`;
-    ``quantize``: None or ``"int8"`` (CPU, fp32 only); ``token_budget``: a positive int, None or
-    ``"auto"`` (:data:`CUDA_TOKEN_BUDGET` on CUDA, None on CPU). Returns ``(precision, quantize,
-    token_budget)``; raises ValueError naming the bad option.
+    ``quantize``: None or ``"int8"`` (CPU, fp32 only: dynamic int8 weights on torch, static int8 on
+    OpenVINO); ``token_budget``: a positive int, None or ``"auto"`` (:data:`CUDA_TOKEN_BUDGET` on CUDA,
+    None on CPU); ``backend``: one of :data:`BACKENDS` (``"openvino"``: CPU, fp32 or bf16). Returns
+    ``(precision, quantize, token_budget)``; raises ValueError naming the bad option.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "openvino" and device.type != "cpu":
+        raise ValueError("backend='openvino' runs on the CPU; on CUDA use backend='torch'")
+    if backend == "openvino" and precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"backend='openvino' runs precision fp32 or bf16, got {precision!r}")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     elif precision not in PRECISIONS:
@@ -51,15 +63,26 @@ class InferenceCopy:
     def __init__(self) -> None:
         self._cache: tuple[tuple, torch.nn.Module] | None = None
 
-    def get(self, model: torch.nn.Module, precision: str, quantize: str | None) -> torch.nn.Module:
-        """``model`` when ``precision == "fp32"`` and ``quantize`` is None, else its (cached) copy."""
-        if precision == "fp32" and quantize is None:
+    def get(self, model: torch.nn.Module, precision: str, quantize: str | None, backend: str = "torch",
+            calibration: Callable[[], TokenizedChunk] | None = None, streams: int = 1):
+        """``model`` when ``precision == "fp32"`` and ``quantize`` is None on torch, else its (cached) copy;
+        ``backend="openvino"``: the compiled OpenVINO model (:func:`~mixsp_core.models.openvino_backend.
+        compile_encoder`, ``streams`` batches at once), int8 calibrated on ``calibration()`` when first built."""
+        if backend == "torch" and precision == "fp32" and quantize is None:
             return model
         weights = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
-        key = (id(model), weights, precision, quantize)
+        key = (id(model), weights, precision, quantize, backend, streams)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         self._cache = None  # free the old copy before making the new one
+        if backend == "openvino":
+            from mixsp_core.models.openvino_backend import compile_encoder
+
+            tokens = calibration() if quantize is not None and calibration is not None else None
+            compiled = compile_encoder(model, precision, quantize, tokens, threads=torch.get_num_threads(),
+                                       streams=streams)
+            self._cache = (key, compiled)
+            return compiled
         copy_ = copy.deepcopy(model).eval()
         if precision != "fp32":
             copy_.to(PRECISIONS[precision])

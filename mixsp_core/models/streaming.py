@@ -31,12 +31,12 @@ import numpy as np
 from mixsp_core.data.corpus import sentence_lines
 from mixsp_core.errors import DataError
 from mixsp_core.io import writing_npy_rows
-from mixsp_core.models.batching import chunk_sizes
+from mixsp_core.models.batching import CPU_CHUNK_SENTENCES, chunk_sizes
 from mixsp_core.models.integrity import check_finite_vectors
 from mixsp_core.models.malloc_tuning import tune_malloc
 from mixsp_core.progress import stage_progress
 
-CHUNK_SENTENCES = 65536  # sentences per chunk when the embedder names no chunk size of its own
+CHUNK_SENTENCES = CPU_CHUNK_SENTENCES  # sentences per chunk when the embedder names no chunk size of its own
 # glibc's mmap threshold while streaming on the CPU (tune_malloc): blocks from 4 MiB up (a chunk's buffers, the
 # larger activations) are returned to the system when freed. With the encode's 1 GiB the heap fragments and
 # grows chunk after chunk (all-MiniLM-L6-v2: 1.6 GB peak RSS at 200,000 sentences and rising); at 4 MiB it
@@ -97,7 +97,7 @@ def encode_file_streaming(embedder: Any, source: SentenceFile | str | os.PathLik
     was and no partial file is left. Returns the matrix's shape.
 
     ``chunk_sentences``: sentences read and encoded at a time (default: the embedder's ``chunk_size``,
-    else 65,536); what stays in memory scales with it, not with the file. ``where``: who produced the
+    else 16,384); what stays in memory scales with it, not with the file. ``where``: who produced the
     vectors, for the error a non-finite vector raises (:func:`check_finite_vectors`; nothing is written).
     """
     if batch_size < 1 or (chunk_sentences is not None and chunk_sentences < 1):

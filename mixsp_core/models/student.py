@@ -29,8 +29,10 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BatchEncoding, Pr
 
 from mixsp_core.data.corpus import check_sentences
 from mixsp_core.errors import ConfigError
+from mixsp_core.models.batching import BulkTokenizer
 from mixsp_core.models.encode_loop import encode_with
 from mixsp_core.models.inference import InferenceCopy, resolve_inference
+from mixsp_core.models.openvino_backend import first_sentences
 from mixsp_core.models.pooling import pool
 from mixsp_core.models.routing import RoutedProjector, RoutingOutput
 from mixsp_core.training.config import ModelConfig
@@ -126,7 +128,8 @@ class BiStudent(nn.Module):
         self.dims: int | None = None  # keep only the first `dims` outputs in encode (compression)
         # encode's inference-only settings (configure_inference); not part of the checkpoint
         self.fast = True
-        self.inference: dict[str, Any] = {"precision": "auto", "quantize": None, "token_budget": "auto"}
+        self.inference: dict[str, Any] = {"precision": "auto", "quantize": None, "token_budget": "auto",
+                                          "backend": "torch"}
         self._encoder_copy = InferenceCopy()
 
     @classmethod
@@ -139,14 +142,18 @@ class BiStudent(nn.Module):
         return next(self.parameters()).device
 
     def configure_inference(self, precision: str = "auto", quantize: str | None = None,
-                            token_budget: int | str | None = "auto", fast: bool = True) -> BiStudent:
+                            token_budget: int | str | None = "auto", fast: bool = True,
+                            backend: str = "torch") -> BiStudent:
         """Set how :meth:`encode` runs (not the weights): ``precision`` / ``quantize`` apply to the
         encoder only (a cast / int8-weight copy; pooling, router, projectors and output layer stay float32),
-        ``token_budget`` sizes the batches, ``fast=False`` takes the plain loop. ``"auto"`` values are
+        ``token_budget`` sizes the batches, ``fast=False`` takes the plain loop, ``backend="openvino"`` runs
+        the encoder in OpenVINO on the CPU (int8: static, calibrated on the first sentences of the first
+        encode; :mod:`mixsp_core.models.openvino_backend`). ``"auto"`` values are
         resolved on the device of each call (see :func:`mixsp_core.models.inference.resolve_inference`);
         bad values raise ValueError now. Returns ``self``."""
-        resolve_inference(precision, quantize, token_budget, self.device)
-        self.inference = {"precision": precision, "quantize": quantize, "token_budget": token_budget}
+        resolve_inference(precision, quantize, token_budget, self.device, backend)
+        self.inference = {"precision": precision, "quantize": quantize, "token_budget": token_budget,
+                          "backend": backend}
         self.fast = bool(fast)
         return self
 
@@ -218,7 +225,11 @@ class BiStudent(nn.Module):
             if not self.fast:
                 return self._encode_plain(sentences, batch_size, show_progress, normalize)
             precision, quantize, budget = resolve_inference(device=self.device, **self.inference)
-            encoder = self._encoder_copy.get(self.encoder, precision, quantize)
+            max_length, backend = self.model_config.max_length, self.inference["backend"]
+            encoder = self._encoder_copy.get(
+                self.encoder, precision, quantize, backend,
+                lambda: BulkTokenizer(self.tokenizer, max_length)(first_sentences(sentences)),
+                streams=torch.get_num_threads())
             return encode_with(sentences, self.tokenizer, self.model_config.max_length,
                                self._fast_forward(encoder, normalize), self.dim, self.device, batch_size,
                                show_progress, token_budget=budget)

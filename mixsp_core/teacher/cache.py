@@ -85,8 +85,9 @@ def _check_finite_rows(vectors: np.ndarray, labels: Sequence[str], where: Path) 
                                "teacher's weights and precision")
 
 
-# Caches written before precision / quantize were recorded were encoded in fp32 without quantisation.
-LEGACY_SETTINGS: dict[str, Any] = {"precision": "fp32", "quantize": None}
+# Caches written before precision / quantize / backend were recorded were encoded in fp32 without
+# quantisation, by torch.
+LEGACY_SETTINGS: dict[str, Any] = {"precision": "fp32", "quantize": None, "backend": "torch"}
 # Recorded, not checked: the token budget only regroups sentences into batches (same vectors up to rounding).
 BATCHING_ONLY = ("token_budget",)
 
@@ -130,7 +131,7 @@ def settings_clash(recorded: dict[str, Any], settings: dict[str, Any]) -> dict[s
 def encoder_settings(encoder: Any) -> dict[str, Any]:
     """Settings that change an encoder's output, recorded so a cache is never mixed across them
     (an encoder that does not report precision / quantize counts as fp32, not quantised)."""
-    keys = ("pooling", "normalize", "max_length", "precision", "quantize", "token_budget")
+    keys = ("pooling", "normalize", "max_length", "precision", "quantize", "backend", "token_budget")
     return {**LEGACY_SETTINGS, **{k: getattr(encoder, k) for k in keys if hasattr(encoder, k)}}
 
 
