@@ -213,6 +213,7 @@ class TrainConfig:
     mine_duplicate_threshold: float = 0.9
     mine_batch_size: int = 256  # sentences per encoding batch while mining
     # CoDiEmb's IR side (training/tasks.py, evaluate/ir.py): the fraction of steps that are retrieval batches
+    # (they count toward epochs' step total: set max_steps = STS steps / (1 - share) to keep the STS epochs)
     retrieval_share: float = 0.0
     retrieval_batch_size: int = 32  # queries per retrieval step
     retrieval_max_positives: int = 4  # per query (SNLI premises have 1-several entailed hypotheses)
