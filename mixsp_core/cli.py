@@ -7,6 +7,7 @@
                    [--precision auto|fp32|bf16|fp16] [--quantize int8] [--token-budget N|auto] [--backend torch|openvino]
     mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
     mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
+    mixsp ir       --model MODEL [--max-corpus N] [--data SENTEVAL_DIR] [--json OUT]   # recall@10 / MRR@10
     mixsp train    [--config params.yaml]                     # the pipeline's student (params.yaml student)
     mixsp train    --config configs/X.yaml [--output DIR]     # one run of a training config file
     mixsp finetune-teacher --config FILE --out DIR            # fine-tuned teacher: DIR/run, DIR/teacher
@@ -426,6 +427,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ir(args: argparse.Namespace) -> int:
+    from mixsp_core.evaluate.ir import build_ir_benchmark, evaluate_ir
+    from mixsp_core.io import json_text, write_json_atomic
+    from mixsp_core.paths import shared_dir
+
+    benchmark = build_ir_benchmark(Path(args.data) if args.data else shared_dir() / "data" / "senteval",
+                                   args.max_corpus)
+    result = {"model": args.model, **evaluate_ir(_load(args.model, args.device, None, {}), benchmark,
+                                                  args.batch_size)}
+    sys.stdout.write(json_text(result))
+    write_json_atomic(args.json, result)
+    return 0
+
+
 def _cmd_finetune_teacher(args: argparse.Namespace) -> int:
     from mixsp_core.params import load_params
     from mixsp_core.stages.train import run_finetune_teacher
@@ -508,6 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fit-sentences", type=_positive_int, default=5000)
             p.add_argument("--output-dir", default="data/reports", help="grid: where grid.json/.md/.png go")
             p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("ir", help="retrieval recall@10 / MRR@10 (SNLI test premises, STS-B dev >= 4) over a "
+                                  ">= 100k-sentence corpus of the shared data")
+    p.add_argument("--model", required=True, help="Hub id or a directory this project saved")
+    p.add_argument("--max-corpus", type=_positive_int, default=0,
+                   help="cap the corpus at N sentences (every positive kept), for quick runs")
+    p.add_argument("--data", default=None, help="a SentEval directory (default: the shared data's senteval/)")
+    p.add_argument("--json", default="data/reports/ir.json", help="where the JSON result is written")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--device", type=_device, default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.set_defaults(func=_cmd_ir)
 
     p = sub.add_parser("train", help="train the pipeline's student (params.yaml), or a student (bi) or MixSP "
                                      "scorer (cross) from a config file")

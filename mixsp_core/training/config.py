@@ -96,6 +96,9 @@ class DataConfig:
     silver_pairs: int = 0
     silver_neighbour_ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     silver_random_fraction: float = 0.2
+    # Conan / CoDiEmb (training/mining.py, training/tasks.py): the SNLI splits the NLI triplets come from; keep
+    # "test" out when train.retrieval_eval scores SNLI test premises (mixsp_core.evaluate.ir)
+    nli_splits: list[str] = field(default_factory=lambda: ["dev", "test"])
 
     def validate(self, prefix: str = "data") -> None:
         if not self.train_tasks:
@@ -114,6 +117,9 @@ class DataConfig:
         if not 0.0 <= self.silver_random_fraction <= 1.0:
             raise ConfigError(f"{prefix}.silver_random_fraction",
                               f"must lie in [0, 1], got {self.silver_random_fraction}")
+        if not self.nli_splits or not set(self.nli_splits) <= {"dev", "test"} or len(set(self.nli_splits)) != len(
+                self.nli_splits):
+            raise ConfigError(f"{prefix}.nli_splits", f"must list distinct SNLI splits of dev, test; got {self.nli_splits}")
 
 
 @dataclass
@@ -140,6 +146,9 @@ class LossConfig:
     layer_mode: str = "sample"  # sample: one earlier layer per step (2DMSE); all: mean over all (ESE)
     ese_alignment: float = 0.0  # ESE: weight of D(e[:ese_dim], PCA_ese_dim(e)) (and inside the layer term)
     ese_dim: int = 64
+    # CoDiEmb's IR side (losses/multi_positive_infonce.py): weight of the retrieval term on retrieval steps
+    retrieval: float = 0.0
+    retrieval_temperature: float = 0.05
 
     @property
     def uses_teacher(self) -> bool:
@@ -156,7 +165,7 @@ class LossConfig:
             raise ConfigError(f"{prefix}.matryoshka_dims", "must list prefix sizes when loss.matryoshka > 0")
         _choice(f"{prefix}.layer_mode", self.layer_mode, ("sample", "all"))
         _at_least(f"{prefix}.ese_dim", self.ese_dim, 1)
-        for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature"):
+        for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature", "retrieval_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
         if self.routing_class_counts and (
@@ -196,6 +205,21 @@ class TrainConfig:
     output_init_sentences: int = 2000  # sentences used to fit a pca/teacher output init
     snapshot_every: int = 0  # steps; > 0 writes snapshots/step-N/ (weights only) and start/ (step 0), for merging
     num_threads: int = 0  # torch.set_num_threads for the run; 0: torch's default
+    # Conan-embedding dynamic hard negatives (training/mining.py): every mine_every steps (0: off) re-mine
+    # mine_negatives per NLI anchor from mine_pool_size pool sentences, skipping near-duplicates of the positive
+    mine_every: int = 0
+    mine_pool_size: int = 20000
+    mine_negatives: int = 3
+    mine_duplicate_threshold: float = 0.9
+    mine_batch_size: int = 256  # sentences per encoding batch while mining
+    # CoDiEmb's IR side (training/tasks.py, evaluate/ir.py): the fraction of steps that are retrieval batches
+    # (they count toward epochs' step total: set max_steps = STS steps / (1 - share) to keep the STS epochs)
+    retrieval_share: float = 0.0
+    retrieval_batch_size: int = 32  # queries per retrieval step
+    retrieval_max_positives: int = 4  # per query (SNLI premises have 1-several entailed hypotheses)
+    retrieval_max_negatives: int = 4  # hard negatives (contradictions) per query
+    retrieval_eval: bool = False  # recall@10 / MRR@10 of the best checkpoint in metrics.json
+    retrieval_eval_max_corpus: int = 0  # 0: the whole IR corpus (>= 100k sentences)
 
     def validate(self, prefix: str = "train") -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -223,6 +247,27 @@ class TrainConfig:
         _choice(f"{prefix}.amp_dtype", self.amp_dtype, ("bf16", "fp16"))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{prefix}.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        self._validate_mining_retrieval(prefix)
+
+    def _validate_mining_retrieval(self, prefix: str) -> None:
+        """Conan mining and CoDiEmb retrieval settings."""
+        for name in ("mine_every", "retrieval_eval_max_corpus"):
+            _at_least(f"{prefix}.{name}", getattr(self, name), 0)
+        for name in ("mine_pool_size", "mine_negatives", "mine_batch_size", "retrieval_batch_size",
+                     "retrieval_max_positives", "retrieval_max_negatives"):
+            _at_least(f"{prefix}.{name}", getattr(self, name), 1)
+        if self.retrieval_batch_size < 2:
+            raise ConfigError(f"{prefix}.retrieval_batch_size", "needs at least 2 queries: in-batch negatives")
+        if self.mine_every and self.mine_pool_size <= self.mine_negatives:
+            raise ConfigError(f"{prefix}.mine_pool_size", f"must exceed mine_negatives ({self.mine_negatives}), "
+                              f"got {self.mine_pool_size}")
+        if not 0.0 < self.mine_duplicate_threshold <= 1.0:
+            raise ConfigError(f"{prefix}.mine_duplicate_threshold",
+                              f"must lie in (0, 1], got {self.mine_duplicate_threshold}")
+        if not 0.0 <= self.retrieval_share < 1.0:
+            raise ConfigError(f"{prefix}.retrieval_share", f"must lie in [0, 1), got {self.retrieval_share}")
+        if self.retrieval_eval_max_corpus and not self.retrieval_eval:
+            raise ConfigError(f"{prefix}.retrieval_eval_max_corpus", "needs train.retrieval_eval: true")
 
 
 @dataclass
@@ -304,6 +349,20 @@ class RunConfig:
                               f"loss.matryoshka > 0, got {loss.matryoshka_dims}")
         if loss.ese_alignment > 0 and width and loss.ese_dim >= width:
             raise ConfigError("loss.ese_dim", f"must be smaller than model.output_dim ({width}), got {loss.ese_dim}")
+        self._validate_mining_retrieval()
+
+    def _validate_mining_retrieval(self) -> None:
+        """Conan mining needs the InfoNCE term; CoDiEmb's retrieval term and its share of steps go together."""
+        tc, loss = self.train, self.loss
+        if tc.mine_every and loss.infonce == 0:
+            raise ConfigError("train.mine_every", "mines hard negatives for InfoNCE: set loss.infonce > 0")
+        if (loss.retrieval > 0) != (tc.retrieval_share > 0):
+            raise ConfigError("train.retrieval_share" if loss.retrieval > 0 else "loss.retrieval",
+                              "loss.retrieval > 0 and train.retrieval_share > 0 go together (retrieval steps "
+                              "train the retrieval term only)")
+        if (tc.mine_every or loss.retrieval > 0 or tc.retrieval_eval) and self.model.kind != "bi":
+            name = "train.mine_every" if tc.mine_every else "loss.retrieval" if loss.retrieval else "train.retrieval_eval"
+            raise ConfigError(name, "applies to the bi student only")
 
     @property
     def needs_teacher(self) -> bool:
@@ -321,7 +380,8 @@ class RunConfig:
 STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) of a batch of pairs
 _COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
 # every weighted term of LossConfig, in the order the trainer sums them
-LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS)
+LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS,
+              "retrieval")
 
 
 # --------------------------------------------------------------------------- building from dicts

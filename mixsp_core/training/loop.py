@@ -189,6 +189,8 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
             evaluate_and_checkpoint()
         while progress.step < total_steps and not progress.stopped_early:
             step = progress.step
+            if data.mined is not None:  # Conan: re-mine the NLI hard negatives with the current model
+                data.mined.step(step, model, run.root, ctx, tracker)
             model.train()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 terms = step_terms(objective, model, net, data, step, ctx, config.loss.uses_teacher)
@@ -231,6 +233,10 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
     if not best_scores:  # resumed after the best evaluation: score the saved best model again
         best_scores.update(evaluate_dev(load_checkpoint(run.best, device=device), dev, tc.eval_batch_size)[1])
     metrics, per_class = finish_report(best_scores, dev, config, run, progress.history, tracker)
+    if tc.retrieval_eval:  # recall@10 / MRR@10 of the best checkpoint, beside its STS dev metrics
+        from mixsp_core.evaluate.ir import report_ir
+
+        report_ir(load_checkpoint(run.best, device=device), config, run, tracker, progress.step)
     tracker.log_metrics({"train_seconds": seconds, "best_step": progress.best_step}, progress.step)
     tracker.log_artifact(run.config)
     tracker.log_artifact(run.history)

@@ -18,6 +18,7 @@ from mixsp_core.losses import (
     DistillLoss,
     InfoNCELoss,
     ListwiseRankLoss,
+    MultiPositiveInfoNCELoss,
     PearsonLoss,
     RankKLLoss,
     RoutingLoss,
@@ -96,6 +97,7 @@ class Objective(nn.Module):
         self.distill = DistillLoss()
         self.distill_sim = SimilarityDistillLoss()
         self.infonce = InfoNCELoss(lc.infonce_temperature)
+        self.retrieval = MultiPositiveInfoNCELoss(lc.retrieval_temperature)  # CoDiEmb's retrieval steps
         self.layer_mode, self.ese_dim = lc.layer_mode, lc.ese_dim
         # prefixes only: the full-width term is the STS terms themselves
         self.prefixes = MatryoshkaLoss(self.sts, lc.matryoshka_dims, full_weight=0.0, ese_dim=None)
@@ -178,6 +180,12 @@ def step_terms(objective: Objective, model: nn.Module, net: nn.Module, data: Tra
     """The loss terms of ``step``: its batch of pairs, plus its distillation batch (when ``distill``:
     ``loss.uses_teacher``) and its NLI batch (when ``data.nli`` is set); each rank encodes its slice of
     the global batches, ``net`` is what runs ``model`` (its DDP wrapper when distributed)."""
+    if data.tasks is not None:  # CoDiEmb: one task per step; the STS streams advance on STS steps only
+        from mixsp_core.training.tasks import RETRIEVAL, retrieval_terms
+
+        task, step = data.tasks.at(step)
+        if task == RETRIEVAL:
+            return retrieval_terms(objective, model, data.retrieval, step, ctx, net)
     idx = data.pairs.indices(step)
     local = ctx.shard(idx)
     gold = torch.as_tensor(data.gold[idx], device=ctx.device)
@@ -189,9 +197,12 @@ def step_terms(objective: Objective, model: nn.Module, net: nn.Module, data: Tra
             model, [data.distill_sentences[i] for i in ctx.shard(rows)],
             torch.as_tensor(data.distill_targets[rows], device=ctx.device), net, ctx.gather)
     if data.nli is not None:
-        rows = data.triplets.iloc[ctx.shard(data.nli.indices(step))]
-        terms["infonce"] = objective.nli_term(model, list(rows["anchor"]), list(rows["positive"]),
-                                              list(rows["hard_negative"]), net, ctx.gather)
+        local_rows = ctx.shard(data.nli.indices(step))
+        rows = data.triplets.iloc[local_rows]
+        # Conan: the latest mined negatives (train.mine_negatives per row) replace the static ones
+        negatives = data.mined.negatives(local_rows) if data.mined is not None else list(rows["hard_negative"])
+        terms["infonce"] = objective.nli_term(model, list(rows["anchor"]), list(rows["positive"]), negatives, net,
+                                              ctx.gather)
     return terms
 
 
