@@ -96,6 +96,10 @@ class DataConfig:
     silver_pairs: int = 0
     silver_neighbour_ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     silver_random_fraction: float = 0.2
+    # DefSent+ (mixsp_core.training.definitions): the WordNet gloss table (.parquet of `mixsp defsent-glosses`,
+    # or a WordNet dict directory) read when loss.definition > 0; definitions_max > 0 keeps a seeded sample
+    definitions: str = ""
+    definitions_max: int = 0
 
     def validate(self, prefix: str = "data") -> None:
         if not self.train_tasks:
@@ -114,6 +118,7 @@ class DataConfig:
         if not 0.0 <= self.silver_random_fraction <= 1.0:
             raise ConfigError(f"{prefix}.silver_random_fraction",
                               f"must lie in [0, 1], got {self.silver_random_fraction}")
+        _at_least(f"{prefix}.definitions_max", self.definitions_max, 0)  # DefSent+
 
 
 @dataclass
@@ -140,6 +145,13 @@ class LossConfig:
     layer_mode: str = "sample"  # sample: one earlier layer per step (2DMSE); all: mean over all (ESE)
     ese_alignment: float = 0.0  # ESE: weight of D(e[:ese_dim], PCA_ese_dim(e)) (and inside the layer term)
     ese_dim: int = 64
+    # DefSent+: each gloss predicts its entry among the entry embeddings (softmax over cosine / temperature);
+    # candidates 0: every entry, k > 0: the batch's entries plus sampled ones up to k; center: subtract the
+    # entry table's mean first (its common direction)
+    definition: float = 0.0
+    definition_temperature: float = 0.05
+    definition_candidates: int = 0
+    definition_center: bool = True
 
     @property
     def uses_teacher(self) -> bool:
@@ -159,6 +171,9 @@ class LossConfig:
         for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.definition_temperature <= 0:  # DefSent+
+            raise ConfigError(f"{prefix}.definition_temperature", f"must be > 0, got {self.definition_temperature}")
+        _at_least(f"{prefix}.definition_candidates", self.definition_candidates, 0)
         if self.routing_class_counts and (
             len(self.routing_class_counts) != 2 or min(self.routing_class_counts) < 1
         ):
@@ -196,6 +211,10 @@ class TrainConfig:
     output_init_sentences: int = 2000  # sentences used to fit a pca/teacher output init
     snapshot_every: int = 0  # steps; > 0 writes snapshots/step-N/ (weights only) and start/ (step 0), for merging
     num_threads: int = 0  # torch.set_num_threads for the run; 0: torch's default
+    # DefSent+: glosses per step, and the entry table rebuilt every N steps (blended: m * old + (1 - m) * new)
+    definition_batch_size: int = 32
+    definition_refresh_every: int = 100
+    definition_entry_momentum: float = 0.0
 
     def validate(self, prefix: str = "train") -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -223,6 +242,11 @@ class TrainConfig:
         _choice(f"{prefix}.amp_dtype", self.amp_dtype, ("bf16", "fp16"))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{prefix}.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        _at_least(f"{prefix}.definition_batch_size", self.definition_batch_size, 2)  # DefSent+
+        _at_least(f"{prefix}.definition_refresh_every", self.definition_refresh_every, 1)
+        if not 0.0 <= self.definition_entry_momentum < 1.0:
+            raise ConfigError(f"{prefix}.definition_entry_momentum",
+                              f"must lie in [0, 1), got {self.definition_entry_momentum}")
 
 
 @dataclass
@@ -304,6 +328,11 @@ class RunConfig:
                               f"loss.matryoshka > 0, got {loss.matryoshka_dims}")
         if loss.ese_alignment > 0 and width and loss.ese_dim >= width:
             raise ConfigError("loss.ese_dim", f"must be smaller than model.output_dim ({width}), got {loss.ese_dim}")
+        if loss.definition > 0 and kind != "bi":  # DefSent+
+            raise ConfigError("loss.definition", "embeds definition sentences: the bi student only")
+        if loss.definition > 0 and not self.data.definitions.strip():
+            raise ConfigError("data.definitions", "loss.definition > 0 needs the gloss table "
+                              "(a .parquet of `mixsp defsent-glosses` or a WordNet dict directory)")
 
     @property
     def needs_teacher(self) -> bool:
@@ -321,7 +350,8 @@ class RunConfig:
 STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) of a batch of pairs
 _COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
 # every weighted term of LossConfig, in the order the trainer sums them
-LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS)
+LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS,
+              "definition")  # DefSent+
 
 
 # --------------------------------------------------------------------------- building from dicts

@@ -1,0 +1,189 @@
+"""DefSent+ as an extra term of the training loop: definition sentences (WordNet 3.0 glosses) projected
+into a space of dictionary-entry embeddings that the student itself builds as it trains.
+
+Paper: Xiaodong Liu, "DefSent+: Improving sentence embeddings of language models by projecting definition
+sentences into a quasi-isotropic or isotropic vector space of unlimited dictionary entries" (2024), after
+DefSent (Tsukagoshi et al., ACL 2021). DefSent predicts the defined word from the embedding of its
+definition through the language model's word-embedding matrix, which limits the entries to single tokens of
+the vocabulary. DefSent+ lifts the limit by building *entry embeddings* instead of reading a vocabulary
+matrix, so any entry (multi-token words, phrases) can be predicted.
+
+What is followed here, and what is assumed:
+
+- Entries are the lemmas of the glosses (``Abraham_Lincoln`` -> ``abraham lincoln``; case-folded, so
+  ``Turkey`` and ``turkey`` are one entry and never each other's negative). A word with several senses is
+  one entry defined by several glosses, as in a dictionary.
+- The entry embeddings are the student's own embeddings of the entry texts, computed without gradient
+  (the paper's entry space comes from the model being trained, not a fixed matrix) and rebuilt
+  *progressively*: at step 0 and every ``train.definition_refresh_every`` steps, optionally blended with
+  the previous table (``train.definition_entry_momentum`` m: table <- normalise(m * old + (1 - m) * new)).
+  Between refreshes the table is a fixed target, as DefSent's frozen word-embedding matrix is.
+- "Quasi-isotropic": with ``loss.definition_center`` the table's mean is subtracted from both sides
+  before the cosine (an assumption: the paper's exact construction of the isotropic space is not
+  reproduced). The loss is :class:`~mixsp_core.losses.definition.DefinitionLoss`: softmax over cosine /
+  ``loss.definition_temperature`` against every entry (``loss.definition_candidates: 0``, DefSent's
+  softmax over the whole vocabulary) or the batch's own entries plus sampled ones up to that many.
+- The term is added to the STS terms of the same step (multi-task), not run as a separate first stage.
+
+Gloss batches and sampled candidates are pure functions of (seed, step) like every stream of
+:mod:`mixsp_core.training.batches`. A resumed run rebuilds the table from the resumed model at its first
+step (the table itself is not checkpointed), so with momentum > 0 or a resume between two refreshes it
+does not repeat the uninterrupted run exactly. Under torchrun every rank builds the same table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixsp_core.data.wordnet import read_glosses
+from mixsp_core.errors import DataError
+from mixsp_core.losses.definition import DefinitionLoss
+from mixsp_core.training.batches import BatchStream
+from mixsp_core.training.config import RunConfig
+
+if TYPE_CHECKING:  # annotations only
+    from mixsp_core.training.distributed import DistContext
+
+log = logging.getLogger(__name__)
+
+DEFINITION_STREAM = 16  # seed-stream number of the gloss batches (batches.py numbers its own from 0)
+
+
+def entry_text(lemma: str) -> str:
+    """The text an entry is encoded from: WordNet's underscores as spaces, case-folded."""
+    return " ".join(lemma.split("_")).casefold()
+
+
+@dataclass(frozen=True)
+class DefinitionSet:
+    """The glosses one run trains on: ``glosses[i]`` defines ``entries[entry_of[i]]``."""
+
+    glosses: list[str]
+    entries: list[str]
+    entry_of: np.ndarray  # (n_glosses,) int64
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, max_glosses: int = 0, seed: int = 0) -> DefinitionSet:
+        """From a gloss table (:func:`mixsp_core.data.wordnet.read_glosses`); ``max_glosses > 0`` keeps a
+        seeded sample of that many rows. Rows repeating a (entry, gloss) pair are kept once."""
+        frame = pd.DataFrame({"entry": table["lemma"].map(entry_text), "gloss": table["gloss"]})
+        frame = frame.drop_duplicates(ignore_index=True)
+        if max_glosses and len(frame) > max_glosses:
+            frame = frame.sample(n=max_glosses, random_state=seed).reset_index(drop=True)
+        codes, entries = pd.factorize(frame["entry"])
+        return cls(list(frame["gloss"]), list(entries), codes.astype(np.int64))
+
+
+def load_definition_set(config: RunConfig) -> DefinitionSet:
+    """``data.definitions`` (a parquet gloss table or a WordNet dict directory), sampled to
+    ``data.definitions_max``; at least two entries, or there is nothing to tell apart."""
+    path = Path(config.data.definitions)
+    found = DefinitionSet.from_table(read_glosses(path), config.data.definitions_max, config.seed)
+    if len(found.entries) < 2:
+        raise DataError(path, f"{len(found.entries)} dictionary entries: the definition loss needs at least 2")
+    return found
+
+
+class EntryTable:
+    """The progressively built entry embeddings: rows of ``entries`` encoded by the model being trained,
+    rebuilt at the first step asked for and at every multiple of ``refresh_every``, blended with the old
+    table by ``momentum`` (0: replaced). ``vectors`` are unit rows; ``center`` their mean."""
+
+    def __init__(self, entries: Sequence[str], refresh_every: int, momentum: float = 0.0):
+        self.entries = list(entries)
+        self.refresh_every = refresh_every
+        self.momentum = momentum
+        self.vectors: torch.Tensor | None = None
+        self.center: torch.Tensor | None = None
+        self.refreshed_at: list[int] = []  # the steps it was rebuilt at
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` rebuilds the table: the first step this table sees, then every multiple."""
+        return self.vectors is None or (step % self.refresh_every == 0 and self.refreshed_at[-1] != step)
+
+    def refresh(self, encode: Callable[[list[str]], np.ndarray], step: int, device: torch.device | None = None) -> None:
+        """Encode every entry with ``encode`` (rows aligned with the entries) and fold it into the table."""
+        new = F.normalize(torch.as_tensor(np.asarray(encode(self.entries), dtype=np.float32), device=device), dim=-1)
+        if self.vectors is not None and self.momentum > 0:
+            new = F.normalize(self.momentum * self.vectors + (1.0 - self.momentum) * new, dim=-1)
+        self.vectors, self.center = new, new.mean(dim=0)
+        self.refreshed_at.append(step)
+
+
+@dataclass(frozen=True)
+class DefinitionBatches:
+    """Gloss rows of step ``step`` (a :class:`BatchStream`) and the entries they are scored against."""
+
+    glosses: BatchStream
+    num_entries: int
+    candidates: int  # 0: every entry; else the batch's entries plus sampled ones up to this many
+
+    def indices(self, step: int) -> np.ndarray:
+        return self.glosses.indices(step)
+
+    def candidate_rows(self, step: int, targets: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(candidate entry rows, label of each target among them); rows None means the whole table
+        (labels are then the entry rows themselves). Sampled rows are a function of (seed, step)."""
+        if self.candidates == 0 or self.candidates >= self.num_entries:
+            return None, targets
+        own = np.unique(targets)
+        extra = max(0, self.candidates - len(own))
+        rng = np.random.default_rng([self.glosses.seed, self.glosses.stream, 1, step])
+        pool = rng.choice(self.num_entries, size=min(self.num_entries, extra + len(own)), replace=False)
+        rows = np.concatenate([own, pool[~np.isin(pool, own)][:extra]])
+        return rows, np.searchsorted(own, targets)  # own is sorted and comes first
+
+
+class DefinitionTerm:
+    """The ``definition`` loss term of a run: its glosses, entry table, batches and loss."""
+
+    def __init__(self, config: RunConfig, definitions: DefinitionSet, device: torch.device):
+        tc, lc = config.train, config.loss
+        self.definitions = definitions
+        self.table = EntryTable(definitions.entries, tc.definition_refresh_every, tc.definition_entry_momentum)
+        self.batches = DefinitionBatches(
+            BatchStream(len(definitions.glosses), tc.definition_batch_size, config.seed, DEFINITION_STREAM),
+            len(definitions.entries), lc.definition_candidates)
+        self.loss = DefinitionLoss(lc.definition_temperature)
+        self.center = lc.definition_center
+        self.encode_batch_size = tc.eval_batch_size
+        self.device = device
+
+    @classmethod
+    def build(cls, config: RunConfig, ctx: DistContext) -> DefinitionTerm | None:
+        """The term when ``loss.definition > 0`` (None otherwise), its glosses read from ``data.definitions``."""
+        if config.loss.definition <= 0:
+            return None
+        ctx.check_divisible("train.definition_batch_size", config.train.definition_batch_size)
+        definitions = load_definition_set(config)
+        log.info("definitions: %d glosses of %d entries from %s", len(definitions.glosses),
+                 len(definitions.entries), config.data.definitions)
+        return cls(config, definitions, ctx.device)
+
+    def refresh_if_due(self, model: nn.Module, step: int) -> None:
+        """Rebuild the entry table with ``model`` (eval mode, no gradient) when ``step`` is due."""
+        if self.table.due(step):
+            self.table.refresh(
+                lambda texts: model.encode(texts, batch_size=self.encode_batch_size, show_progress=False),
+                step, self.device)
+
+    def terms(self, model: nn.Module, net: nn.Module, step: int, ctx: DistContext) -> dict[str, torch.Tensor]:
+        """``{"definition": loss}`` of step ``step``: this rank's glosses encoded, the global batch scored."""
+        rows = self.batches.indices(step)
+        local = [self.definitions.glosses[i] for i in ctx.shard(rows)]
+        glosses = ctx.gather(net(model.tokenize(local)).embedding)
+        candidates, labels = self.batches.candidate_rows(step, self.definitions.entry_of[rows])
+        entries = self.table.vectors if candidates is None else self.table.vectors[torch.as_tensor(
+            candidates, device=self.device)]
+        center = self.table.center if self.center else None
+        return {"definition": self.loss(glosses, entries, torch.as_tensor(labels, device=self.device), center)}
