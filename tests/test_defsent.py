@@ -118,7 +118,22 @@ def test_definition_set_folds_entries_and_drops_repeated_rows():
     assert found.entries == ["bank", "river bank"]
     assert found.glosses == ["land beside water", "land beside water", "an institution"]
     assert found.entry_of.tolist() == [0, 1, 0]
+    assert found.texts == ["land beside water", "an institution"] and found.text_of.tolist() == [0, 0, 1]
     assert len(DefinitionSet.from_table(table, max_glosses=2, seed=3).glosses) == 2
+
+
+def test_an_entry_is_the_mean_unit_embedding_of_its_glosses():
+    found = DefinitionSet(glosses=["g0", "g1", "g2"], entries=["bank", "river bank"],
+                          entry_of=np.array([0, 1, 0]), texts=["g0", "g1", "g2"], text_of=np.array([0, 1, 2]))
+    seen = []
+
+    def encode(texts):
+        seen.append(list(texts))
+        return np.array([[2.0, 0.0], [0.0, 3.0], [0.0, 1.0]])  # rows are normalised before the mean
+
+    vectors = found.entry_vectors(encode)
+    assert seen == [["g0", "g1", "g2"]]  # each distinct gloss encoded once
+    np.testing.assert_allclose(vectors.numpy(), [[0.5, 0.5], [0.0, 1.0]])
 
 
 def test_definition_loss_matches_a_hand_computed_value():
@@ -205,6 +220,7 @@ def test_the_shipped_config_validates():
     ({"train": {"definition_refresh_every": 0}}, "train.definition_refresh_every"),
     ({"train": {"definition_entry_momentum": 1.0}}, "train.definition_entry_momentum"),
     ({"train": {"definition_batch_size": 1}}, "train.definition_batch_size"),
+    ({"train": {"definition_entries": "words"}}, "train.definition_entries"),
     ({"data": {"definitions": "x", "definitions_max": -2}}, "data.definitions_max"),
 ])
 def test_bad_definition_settings_name_their_field(change, field):
@@ -224,17 +240,26 @@ def test_the_definition_term_alone_is_something_to_train():
 # --------------------------------------------------------------------------- a short run
 
 
-def test_a_run_trains_with_the_definition_term(tiny_bert_dir, senteval_dir, tmp_path):
+@pytest.mark.parametrize("entries", ["glosses", "lemma"])
+def test_a_run_trains_with_the_definition_term(tiny_bert_dir, senteval_dir, tmp_path, entries, monkeypatch):
     from mixsp_core.tracking.tracker import NullTracker
     from mixsp_core.training.loop import run_training
     from tests.train_helpers import small_pairs, tiny_config
 
+    refreshed = []
+    original = EntryTable.refresh
+
+    def recording(table, encode, step, device=None):
+        original(table, encode, step, device)
+        refreshed.append((step, tuple(table.vectors.shape)))
+
+    monkeypatch.setattr(EntryTable, "refresh", recording)
     glosses = tmp_path / "glosses.parquet"
     export_glosses(_wordnet_dir(tmp_path / "dict"), glosses)
     config = tiny_config(tiny_bert_dir, loss={"definition": 0.5, "definition_candidates": 3},
                          data={"definitions": str(glosses)},
                          train={"max_steps": 3, "eval_every": 3, "definition_batch_size": 4,
-                                "definition_refresh_every": 2})
+                                "definition_refresh_every": 2, "definition_entries": entries})
     tracker = NullTracker()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -246,3 +271,4 @@ def test_a_run_trains_with_the_definition_term(tiny_bert_dir, senteval_dir, tmp_
     values = [v for _, v in tracker.series("train/definition")]
     assert result.steps == 3 and len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values)
     assert (result.best_checkpoint / "config.json").is_file()
+    assert refreshed == [(0, (7, 16)), (2, (7, 16))]  # 7 entries (one per made-up word), output_dim 16; steps 0, 2

@@ -151,7 +151,7 @@ class LossConfig:
     definition: float = 0.0
     definition_temperature: float = 0.05
     definition_candidates: int = 0
-    definition_center: bool = True
+    definition_center: bool = False
 
     @property
     def uses_teacher(self) -> bool:
@@ -211,10 +211,12 @@ class TrainConfig:
     output_init_sentences: int = 2000  # sentences used to fit a pca/teacher output init
     snapshot_every: int = 0  # steps; > 0 writes snapshots/step-N/ (weights only) and start/ (step 0), for merging
     num_threads: int = 0  # torch.set_num_threads for the run; 0: torch's default
-    # DefSent+: glosses per step, and the entry table rebuilt every N steps (blended: m * old + (1 - m) * new)
+    # DefSent+: glosses per step; the entry table (each entry the mean embedding of its glosses, or of its own
+    # text with definition_entries: lemma) rebuilt every N steps, blended m * old + (1 - m) * new
     definition_batch_size: int = 32
     definition_refresh_every: int = 100
     definition_entry_momentum: float = 0.0
+    definition_entries: str = "glosses"
 
     def validate(self, prefix: str = "train") -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -247,6 +249,7 @@ class TrainConfig:
         if not 0.0 <= self.definition_entry_momentum < 1.0:
             raise ConfigError(f"{prefix}.definition_entry_momentum",
                               f"must lie in [0, 1), got {self.definition_entry_momentum}")
+        _choice(f"{prefix}.definition_entries", self.definition_entries, ("glosses", "lemma"))
 
 
 @dataclass

@@ -2,27 +2,32 @@
 into a space of dictionary-entry embeddings that the student itself builds as it trains.
 
 Paper: Xiaodong Liu, "DefSent+: Improving sentence embeddings of language models by projecting definition
-sentences into a quasi-isotropic or isotropic vector space of unlimited dictionary entries" (2024), after
-DefSent (Tsukagoshi et al., ACL 2021). DefSent predicts the defined word from the embedding of its
-definition through the language model's word-embedding matrix, which limits the entries to single tokens of
-the vocabulary. DefSent+ lifts the limit by building *entry embeddings* instead of reading a vocabulary
-matrix, so any entry (multi-token words, phrases) can be predicted.
+sentences into a quasi-isotropic or isotropic vector space of unlimited dictionary entries" (arXiv 2405.16153,
+2024), after DefSent (Tsukagoshi et al., ACL 2021). DefSent predicts the defined word from the embedding of
+its definition through the language model's frozen word-embedding matrix, which limits the entries to single
+tokens of the vocabulary and leaves the (anisotropic) word space as it is. DefSent+ builds *entry embeddings*
+instead: the embedding of an entry is the mean of the sentence embeddings of all its definitions, computed by
+the model and rebuilt progressively as the model improves ("progressive separate training": the entries
+come from an earlier state of the model, the definitions are encoded by the current one), so any entry
+(multi-word ones too) can be predicted and the entry space grows more uniform in direction as training goes.
 
 What is followed here, and what is assumed:
 
 - Entries are the lemmas of the glosses (``Abraham_Lincoln`` -> ``abraham lincoln``; case-folded, so
   ``Turkey`` and ``turkey`` are one entry and never each other's negative). A word with several senses is
   one entry defined by several glosses, as in a dictionary.
-- The entry embeddings are the student's own embeddings of the entry texts, computed without gradient
-  (the paper's entry space comes from the model being trained, not a fixed matrix) and rebuilt
-  *progressively*: at step 0 and every ``train.definition_refresh_every`` steps, optionally blended with
-  the previous table (``train.definition_entry_momentum`` m: table <- normalise(m * old + (1 - m) * new)).
-  Between refreshes the table is a fixed target, as DefSent's frozen word-embedding matrix is.
-- "Quasi-isotropic": with ``loss.definition_center`` the table's mean is subtracted from both sides
-  before the cosine (an assumption: the paper's exact construction of the isotropic space is not
-  reproduced). The loss is :class:`~mixsp_core.losses.definition.DefinitionLoss`: softmax over cosine /
-  ``loss.definition_temperature`` against every entry (``loss.definition_candidates: 0``, DefSent's
-  softmax over the whole vocabulary) or the batch's own entries plus sampled ones up to that many.
+- Entry embedding = mean of the (unit) student embeddings of the entry's glosses (``train.definition_entries:
+  glosses``, the paper's), computed without gradient; ``lemma`` encodes the entry's own text instead (an
+  alternative, not the paper's). The table is rebuilt at the first step and every
+  ``train.definition_refresh_every`` steps, optionally blended with the previous one
+  (``train.definition_entry_momentum`` m: table <- normalise(m * old + (1 - m) * new)). The paper's rounds of
+  separate training become these refreshes inside the one loop; between two, the table is a fixed target,
+  as DefSent's frozen word-embedding matrix is.
+- The loss is :class:`~mixsp_core.losses.definition.DefinitionLoss`: softmax over cosine /
+  ``loss.definition_temperature`` against every entry (``loss.definition_candidates: 0``, DefSent's softmax
+  over the whole vocabulary) or the batch's own entries plus sampled ones up to that many. With
+  ``loss.definition_center`` the table's mean is subtracted from both sides first (an assumption, off by
+  default: a cheap step towards the "isotropic" space; the paper's own construction is not reproduced).
 - The term is added to the STS terms of the same step (multi-task), not run as a separate first stage.
 
 Gloss batches and sampled candidates are pure functions of (seed, step) like every stream of
@@ -66,11 +71,14 @@ def entry_text(lemma: str) -> str:
 
 @dataclass(frozen=True)
 class DefinitionSet:
-    """The glosses one run trains on: ``glosses[i]`` defines ``entries[entry_of[i]]``."""
+    """The glosses one run trains on: ``glosses[i]`` defines ``entries[entry_of[i]]``; ``texts`` are the
+    distinct gloss texts (encoded once per refresh), ``text_of[i]`` the one of row i."""
 
     glosses: list[str]
     entries: list[str]
     entry_of: np.ndarray  # (n_glosses,) int64
+    texts: list[str]
+    text_of: np.ndarray  # (n_glosses,) int64
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, max_glosses: int = 0, seed: int = 0) -> DefinitionSet:
@@ -81,7 +89,21 @@ class DefinitionSet:
         if max_glosses and len(frame) > max_glosses:
             frame = frame.sample(n=max_glosses, random_state=seed).reset_index(drop=True)
         codes, entries = pd.factorize(frame["entry"])
-        return cls(list(frame["gloss"]), list(entries), codes.astype(np.int64))
+        text_of, texts = pd.factorize(frame["gloss"])
+        return cls(list(frame["gloss"]), list(entries), codes.astype(np.int64), list(texts), text_of.astype(np.int64))
+
+    def entry_vectors(self, encode: Callable[[list[str]], np.ndarray],
+                      device: torch.device | None = None) -> torch.Tensor:
+        """The paper's entry embeddings: row e = the mean unit embedding of entry e's glosses."""
+        vectors = F.normalize(torch.as_tensor(encode(self.texts), dtype=torch.float32, device=device), dim=-1)
+        index = torch.as_tensor(self.entry_of, device=vectors.device)
+        return entry_means(vectors[torch.as_tensor(self.text_of, device=vectors.device)], index, len(self.entries))
+
+
+def entry_means(rows: torch.Tensor, entry_of: torch.Tensor, num_entries: int) -> torch.Tensor:
+    """Mean of ``rows`` per entry (``entry_of[i]`` is row i's entry; every entry has at least one row)."""
+    sums = torch.zeros(num_entries, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, entry_of, rows)
+    return sums / torch.bincount(entry_of, minlength=num_entries).unsqueeze(1).to(rows.dtype)
 
 
 def load_definition_set(config: RunConfig) -> DefinitionSet:
@@ -95,9 +117,10 @@ def load_definition_set(config: RunConfig) -> DefinitionSet:
 
 
 class EntryTable:
-    """The progressively built entry embeddings: rows of ``entries`` encoded by the model being trained,
-    rebuilt at the first step asked for and at every multiple of ``refresh_every``, blended with the old
-    table by ``momentum`` (0: replaced). ``vectors`` are unit rows; ``center`` their mean."""
+    """The progressively built entry embeddings, one row per entry computed by the model being trained
+    (:meth:`DefinitionTerm.refresh_if_due` says how), rebuilt at the first step asked for and at every
+    multiple of ``refresh_every``, blended with the old table by ``momentum`` (0: replaced). ``vectors``
+    are unit rows; ``center`` their mean."""
 
     def __init__(self, entries: Sequence[str], refresh_every: int, momentum: float = 0.0):
         self.entries = list(entries)
@@ -111,9 +134,10 @@ class EntryTable:
         """Whether ``step`` rebuilds the table: the first step this table sees, then every multiple."""
         return self.vectors is None or (step % self.refresh_every == 0 and self.refreshed_at[-1] != step)
 
-    def refresh(self, encode: Callable[[list[str]], np.ndarray], step: int, device: torch.device | None = None) -> None:
-        """Encode every entry with ``encode`` (rows aligned with the entries) and fold it into the table."""
-        new = F.normalize(torch.as_tensor(np.asarray(encode(self.entries), dtype=np.float32), device=device), dim=-1)
+    def refresh(self, encode: Callable[[list[str]], np.ndarray | torch.Tensor], step: int,
+                device: torch.device | None = None) -> None:
+        """Fold ``encode(entries)`` (one row per entry, aligned) into the table."""
+        new = F.normalize(torch.as_tensor(encode(self.entries), dtype=torch.float32, device=device), dim=-1)
         if self.vectors is not None and self.momentum > 0:
             new = F.normalize(self.momentum * self.vectors + (1.0 - self.momentum) * new, dim=-1)
         self.vectors, self.center = new, new.mean(dim=0)
@@ -156,6 +180,7 @@ class DefinitionTerm:
             len(definitions.entries), lc.definition_candidates)
         self.loss = DefinitionLoss(lc.definition_temperature)
         self.center = lc.definition_center
+        self.from_glosses = tc.definition_entries == "glosses"
         self.encode_batch_size = tc.eval_batch_size
         self.device = device
 
@@ -171,11 +196,18 @@ class DefinitionTerm:
         return cls(config, definitions, ctx.device)
 
     def refresh_if_due(self, model: nn.Module, step: int) -> None:
-        """Rebuild the entry table with ``model`` (eval mode, no gradient) when ``step`` is due."""
-        if self.table.due(step):
-            self.table.refresh(
-                lambda texts: model.encode(texts, batch_size=self.encode_batch_size, show_progress=False),
-                step, self.device)
+        """Rebuild the entry table with ``model`` (eval mode, no gradient) when ``step`` is due: each entry
+        the mean embedding of its glosses (``train.definition_entries: glosses``) or of its own text (``lemma``)."""
+        if not self.table.due(step):
+            return
+
+        def encode(texts: list[str]) -> np.ndarray:
+            return model.encode(texts, batch_size=self.encode_batch_size, show_progress=False)
+
+        if self.from_glosses:
+            self.table.refresh(lambda entries: self.definitions.entry_vectors(encode, self.device), step, self.device)
+        else:
+            self.table.refresh(encode, step, self.device)
 
     def terms(self, model: nn.Module, net: nn.Module, step: int, ctx: DistContext) -> dict[str, torch.Tensor]:
         """``{"definition": loss}`` of step ``step``: this rank's glosses encoded, the global batch scored."""
