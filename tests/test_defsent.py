@@ -23,6 +23,7 @@ from mixsp_core.training.definitions import (
     DefinitionSet,
     EntryTable,
     entry_text,
+    synonym_cells,
 )
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bi_defsent.yaml"
@@ -148,6 +149,16 @@ def test_definition_loss_matches_a_hand_computed_value():
     assert float(loss) == pytest.approx((first + second) / 2, rel=1e-6)
 
 
+def test_definition_loss_stays_fp32_under_autocast():
+    glosses = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    entries = torch.tensor([[1.0, 0.001], [1.0, 0.0], [0.6, 0.8]])
+    labels = torch.tensor([1, 2])
+    plain = DefinitionLoss(temperature=0.01)(glosses, entries, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = DefinitionLoss(temperature=0.01)(glosses, entries, labels)
+    assert inside.dtype == torch.float32 and float(inside) == pytest.approx(float(plain), rel=1e-6)
+
+
 def test_centred_definition_loss_and_no_gradient_into_the_entries():
     glosses = torch.tensor([[2.0, 1.0]], requires_grad=True)
     entries = torch.tensor([[1.0, 1.0], [3.0, 1.0]], requires_grad=True)
@@ -157,6 +168,29 @@ def test_centred_definition_loss_and_no_gradient_into_the_entries():
     assert float(loss.detach()) == pytest.approx(-1.0 + math.log(math.exp(0.0) + math.exp(1.0)), rel=1e-6)
     loss.backward()
     assert glosses.grad is not None and entries.grad is None
+
+
+def test_excluded_candidates_leave_the_softmax():
+    glosses = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    entries = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # row 0's target is entry 0; entry 1 (a synonym, same vector) is excluded, so only entry 2 competes
+    loss = DefinitionLoss(temperature=1.0)(glosses, entries, torch.tensor([0, 2]),
+                                           exclude=(torch.tensor([0]), torch.tensor([1])))
+    first = -1.0 + math.log(math.exp(1.0) + math.exp(0.0))
+    second = -1.0 + math.log(2 * math.exp(0.0) + math.exp(1.0))
+    assert float(loss) == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_synonyms_are_the_other_entries_of_a_shared_gloss():
+    table = pd.DataFrame({"lemma": ["river_bank", "Bank", "slope", "bank"], "pos": ["n"] * 4,
+                          "synset": ["1-n", "1-n", "2-n", "3-n"],
+                          "gloss": ["land beside water", "land beside water", "a formation", "an institution"]})
+    found = DefinitionSet.from_table(table)  # entries: river bank 0, bank 1, slope 2
+    assert [found.synonyms(i).tolist() for i in range(4)] == [[1], [0], [], []]
+    at, cols = synonym_cells(found, np.array([3, 0, 1]), None)
+    assert at.tolist() == [1, 2] and cols.tolist() == [1, 0]
+    at, cols = synonym_cells(found, np.array([0, 1]), np.array([2, 0]))  # entry 1 is not a candidate here
+    assert at.tolist() == [1] and cols.tolist() == [1]
 
 
 def test_entry_table_refresh_schedule_and_momentum():

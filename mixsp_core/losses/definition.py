@@ -17,6 +17,8 @@ class DefinitionLoss(nn.Module):
     that gloss i defines). With ``center`` ``[dim]`` (the table's mean) both sides are centred on it before
     the cosine: the entries' common direction is removed, so the logits compare entries in a roughly
     isotropic space rather than all scoring high on the direction every sentence embedding shares.
+    ``exclude`` (row indices, column indices) takes those candidates out of their rows' softmax: entries that
+    the gloss defines too (WordNet synonyms share one gloss) are right answers, not negatives.
     """
 
     def __init__(self, temperature: float = 0.05):
@@ -24,9 +26,14 @@ class DefinitionLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, glosses: torch.Tensor, entries: torch.Tensor, labels: torch.Tensor,
-                center: torch.Tensor | None = None) -> torch.Tensor:
-        g, e = glosses.float(), entries.detach().float()
-        if center is not None:
-            g, e = g - center.float(), e - center.float()
-        logits = F.normalize(g, dim=-1) @ F.normalize(e, dim=-1).T / self.temperature
-        return F.cross_entropy(logits, labels)
+                center: torch.Tensor | None = None,
+                exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # fp32 even under autocast: bf16 cosines (8-bit mantissa) / 0.05 cannot rank 100k+ close candidates
+        with torch.autocast(glosses.device.type, enabled=False):
+            g, e = glosses.float(), entries.detach().float()
+            if center is not None:
+                g, e = g - center.float(), e - center.float()
+            logits = F.normalize(g, dim=-1) @ F.normalize(e, dim=-1).T / self.temperature
+            if exclude is not None and exclude[0].numel():
+                logits = logits.index_put(exclude, torch.tensor(float("-inf"), device=logits.device))
+            return F.cross_entropy(logits, labels)

@@ -28,6 +28,9 @@ What is followed here, and what is assumed:
   over the whole vocabulary) or the batch's own entries plus sampled ones up to that many. With
   ``loss.definition_center`` the table's mean is subtracted from both sides first (an assumption, off by
   default: a cheap step towards the "isotropic" space; the paper's own construction is not reproduced).
+- The entries a gloss also defines (the other words of its WordNet synset share the gloss) are left out of
+  its softmax: right answers, not negatives (an addition: with entries built from glosses, a synonym
+  defined by this gloss alone would otherwise sit exactly on the gloss and be its hardest negative).
 - The term is added to the STS terms of the same step (multi-task), not run as a separate first stage.
 
 Gloss batches and sampled candidates are pure functions of (seed, step) like every stream of
@@ -38,6 +41,7 @@ does not repeat the uninterrupted run exactly. Under torchrun every rank builds 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,6 +95,19 @@ class DefinitionSet:
         codes, entries = pd.factorize(frame["entry"])
         text_of, texts = pd.factorize(frame["gloss"])
         return cls(list(frame["gloss"]), list(entries), codes.astype(np.int64), list(texts), text_of.astype(np.int64))
+
+    @functools.cached_property
+    def _entries_by_text(self) -> tuple[np.ndarray, np.ndarray]:
+        """(entries sorted by gloss text, start of each text's run): the entries each gloss text defines."""
+        order = np.argsort(self.text_of, kind="stable")
+        return self.entry_of[order], np.searchsorted(self.text_of[order], np.arange(len(self.texts) + 1))
+
+    def synonyms(self, row: int) -> np.ndarray:
+        """The other entries that gloss row ``row``'s text defines (a synset's other words)."""
+        entries, starts = self._entries_by_text
+        text = self.text_of[row]
+        found = entries[starts[text]:starts[text + 1]]
+        return found[found != self.entry_of[row]]
 
     def entry_vectors(self, encode: Callable[[list[str]], np.ndarray],
                       device: torch.device | None = None) -> torch.Tensor:
@@ -218,4 +235,20 @@ class DefinitionTerm:
         entries = self.table.vectors if candidates is None else self.table.vectors[torch.as_tensor(
             candidates, device=self.device)]
         center = self.table.center if self.center else None
-        return {"definition": self.loss(glosses, entries, torch.as_tensor(labels, device=self.device), center)}
+        exclude = tuple(torch.as_tensor(a, device=self.device) for a in synonym_cells(self.definitions, rows, candidates))
+        return {"definition": self.loss(glosses, entries, torch.as_tensor(labels, device=self.device), center, exclude)}
+
+
+def synonym_cells(definitions: DefinitionSet, rows: np.ndarray,
+                  candidates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(batch positions, candidate columns) of the entries each batch row's gloss also defines, to leave out
+    of that row's softmax; ``candidates`` None means the columns are the entry rows themselves."""
+    column = None if candidates is None else {int(e): i for i, e in enumerate(candidates)}
+    at, cols = [], []
+    for position, row in enumerate(rows):
+        for entry in definitions.synonyms(int(row)):
+            col = int(entry) if column is None else column.get(int(entry))
+            if col is not None:
+                at.append(position)
+                cols.append(col)
+    return np.asarray(at, dtype=np.int64), np.asarray(cols, dtype=np.int64)
