@@ -459,6 +459,15 @@ def _cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_defsent_glosses(args: argparse.Namespace) -> int:
+    from mixsp_core.data.wordnet import export_glosses
+
+    table = export_glosses(Path(args.wordnet_dir), Path(args.output))
+    print(f"{args.output}: {len(table)} glosses ({table['synset'].nunique()} synsets, "
+          f"{Path(args.output).stat().st_size} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mixsp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -549,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="DIR: the run goes to DIR/run, the exported teacher to DIR/teacher")
     p.add_argument("--params", default="params.yaml", help="the pipeline params whose data root holds the pairs")
     p.set_defaults(func=_cmd_finetune_teacher)
+
+    p = sub.add_parser("defsent-glosses", help="DefSent+: export WordNet's glosses (lemma, pos, synset, gloss) "
+                                               "as a parquet file for data.definitions")
+    p.add_argument("--wordnet-dir", default="/usr/share/wordnet",
+                   help="the dict directory holding data.noun, data.verb, data.adj, data.adv")
+    p.add_argument("--output", required=True, help="the .parquet file to write")
+    p.set_defaults(func=_cmd_defsent_glosses)
 
     p = sub.add_parser("soup", help="merge the best checkpoints of several training runs; keep the best on dev")
     p.add_argument("runs", nargs="+", help="training run directories (best/, start/) from one config seed")

@@ -1,6 +1,7 @@
 """Training losses, one module each; every class's docstring says what it expects."""
 
 from mixsp_core.losses.cosent import CoSENTLoss
+from mixsp_core.losses.definition import DefinitionLoss
 from mixsp_core.losses.distill import DistillLoss, fit_pca_projection
 from mixsp_core.losses.infonce import InfoNCELoss
 from mixsp_core.losses.listwise import ListwiseRankLoss
@@ -15,4 +16,5 @@ __all__ = [
     "CoSENTLoss", "DistillLoss", "InfoNCELoss", "ListwiseRankLoss", "PearsonLoss", "RankKLLoss",
     "RoutingLoss", "ScoreBCELoss", "SimilarityDistillLoss", "PUBLISHED_CLASS_COUNTS", "fit_pca_projection",
     "MultiPositiveInfoNCELoss",
+    "DefinitionLoss",  # DefSent+
 ]

@@ -99,6 +99,10 @@ class DataConfig:
     # Conan / CoDiEmb (training/mining.py, training/tasks.py): the SNLI splits the NLI triplets come from; keep
     # "test" out when train.retrieval_eval scores SNLI test premises (mixsp_core.evaluate.ir)
     nli_splits: list[str] = field(default_factory=lambda: ["dev", "test"])
+    # DefSent+ (mixsp_core.training.definitions): the WordNet gloss table (.parquet of `mixsp defsent-glosses`,
+    # or a WordNet dict directory) read when loss.definition > 0; definitions_max > 0 keeps a seeded sample
+    definitions: str = ""
+    definitions_max: int = 0
 
     def validate(self, prefix: str = "data") -> None:
         if not self.train_tasks:
@@ -120,6 +124,7 @@ class DataConfig:
         if not self.nli_splits or not set(self.nli_splits) <= {"dev", "test"} or len(set(self.nli_splits)) != len(
                 self.nli_splits):
             raise ConfigError(f"{prefix}.nli_splits", f"must list distinct SNLI splits of dev, test; got {self.nli_splits}")
+        _at_least(f"{prefix}.definitions_max", self.definitions_max, 0)  # DefSent+
 
 
 @dataclass
@@ -149,6 +154,13 @@ class LossConfig:
     # CoDiEmb's IR side (losses/multi_positive_infonce.py): weight of the retrieval term on retrieval steps
     retrieval: float = 0.0
     retrieval_temperature: float = 0.05
+    # DefSent+: each gloss predicts its entry among the entry embeddings (softmax over cosine / temperature);
+    # candidates 0: every entry, k > 0: the batch's entries plus sampled ones up to k; center: subtract the
+    # entry table's mean first (its common direction)
+    definition: float = 0.0
+    definition_temperature: float = 0.05
+    definition_candidates: int = 0
+    definition_center: bool = False
 
     @property
     def uses_teacher(self) -> bool:
@@ -168,6 +180,9 @@ class LossConfig:
         for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature", "retrieval_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.definition_temperature <= 0:  # DefSent+
+            raise ConfigError(f"{prefix}.definition_temperature", f"must be > 0, got {self.definition_temperature}")
+        _at_least(f"{prefix}.definition_candidates", self.definition_candidates, 0)
         if self.routing_class_counts and (
             len(self.routing_class_counts) != 2 or min(self.routing_class_counts) < 1
         ):
@@ -220,6 +235,12 @@ class TrainConfig:
     retrieval_max_negatives: int = 4  # hard negatives (contradictions) per query
     retrieval_eval: bool = False  # recall@10 / MRR@10 of the best checkpoint in metrics.json
     retrieval_eval_max_corpus: int = 0  # 0: the whole IR corpus (>= 100k sentences)
+    # DefSent+: glosses per step; the entry table (each entry the mean embedding of its glosses, or of its own
+    # text with definition_entries: lemma) rebuilt every N steps, blended m * old + (1 - m) * new
+    definition_batch_size: int = 32
+    definition_refresh_every: int = 100
+    definition_entry_momentum: float = 0.0
+    definition_entries: str = "glosses"
 
     def validate(self, prefix: str = "train") -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -247,6 +268,12 @@ class TrainConfig:
         _choice(f"{prefix}.amp_dtype", self.amp_dtype, ("bf16", "fp16"))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{prefix}.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        _at_least(f"{prefix}.definition_batch_size", self.definition_batch_size, 2)  # DefSent+
+        _at_least(f"{prefix}.definition_refresh_every", self.definition_refresh_every, 1)
+        if not 0.0 <= self.definition_entry_momentum < 1.0:
+            raise ConfigError(f"{prefix}.definition_entry_momentum",
+                              f"must lie in [0, 1), got {self.definition_entry_momentum}")
+        _choice(f"{prefix}.definition_entries", self.definition_entries, ("glosses", "lemma"))
         self._validate_mining_retrieval(prefix)
 
     def _validate_mining_retrieval(self, prefix: str) -> None:
@@ -349,6 +376,11 @@ class RunConfig:
                               f"loss.matryoshka > 0, got {loss.matryoshka_dims}")
         if loss.ese_alignment > 0 and width and loss.ese_dim >= width:
             raise ConfigError("loss.ese_dim", f"must be smaller than model.output_dim ({width}), got {loss.ese_dim}")
+        if loss.definition > 0 and kind != "bi":  # DefSent+
+            raise ConfigError("loss.definition", "embeds definition sentences: the bi student only")
+        if loss.definition > 0 and not self.data.definitions.strip():
+            raise ConfigError("data.definitions", "loss.definition > 0 needs the gloss table "
+                              "(a .parquet of `mixsp defsent-glosses` or a WordNet dict directory)")
         self._validate_mining_retrieval()
 
     def _validate_mining_retrieval(self) -> None:
@@ -381,7 +413,7 @@ STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, g
 _COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
 # every weighted term of LossConfig, in the order the trainer sums them
 LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS,
-              "retrieval")
+              "retrieval", "definition")  # retrieval: CoDiEmb IR; definition: DefSent+
 
 
 # --------------------------------------------------------------------------- building from dicts

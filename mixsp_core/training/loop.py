@@ -49,6 +49,7 @@ from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
 from mixsp_core.tracking.tracker import NullTracker, Tracker
 from mixsp_core.training.batches import TrainData, select_pairs
 from mixsp_core.training.config import RunConfig, dump_config, flatten
+from mixsp_core.training.definitions import DefinitionTerm
 from mixsp_core.training.distributed import DistContext, setup, weights_digest
 from mixsp_core.training.objective import Objective, linear_schedule, make_optimizer, optimizer_step, step_terms
 from mixsp_core.training.report import LossWindow, Progress, TrainResult, evaluate_dev, evaluate_encoder, finish_report
@@ -143,6 +144,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
     if ctx.rank > 0:  # own dropout masks per rank; rank 0 keeps the single-process RNG stream
         torch.manual_seed(int(np.random.default_rng([config.seed, ctx.rank, progress.step]).integers(2**31)))
     objective = Objective(config, data.class_counts).to(device)
+    definitions = DefinitionTerm.build(config, ctx)  # DefSent+ (None unless loss.definition > 0)
     use_amp = tc.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if tc.amp_dtype == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
@@ -192,8 +194,12 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
             if data.mined is not None:  # Conan: re-mine the NLI hard negatives with the current model
                 data.mined.step(step, model, run.root, ctx, tracker)
             model.train()
+            if definitions is not None:
+                definitions.refresh_if_due(model, step)  # the entry table, outside autocast (encode casts itself)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 terms = step_terms(objective, model, net, data, step, ctx, config.loss.uses_teacher)
+                if definitions is not None:
+                    terms |= definitions.terms(model, net, step, ctx)
                 loss = objective.total(terms)
             grad_norm = optimizer_step(loss, model, optimizer, scaler, ctx, tc.grad_clip)
             scheduler.step()
