@@ -12,6 +12,10 @@ which lies in [0, 1], is 0 only for h == h+ and, for a fixed angle, is smallest 
 moduli *together* (towards each other's, not towards a fixed target modulus) as well as the directions.
 JTCSE's released code (``LTN_loss``) multiplies it by the angular term ``-log(cos)``, with the cosine
 floored at a small positive value: the pair's loss is large only when both the angle and the moduli differ.
+That code takes the cosine on the [CLS] states and the moduli on BERT's pooler outputs; here both come from
+the one embedding the STS loss sees (before L2 normalisation). Positive pairs are the caller's: in this
+project STS pairs with gold >= ``data.upper_threshold`` and NLI (anchor, entailment) pairs, where the
+unsupervised paper has two dropout views of one sentence.
 """
 
 from __future__ import annotations
