@@ -6,6 +6,7 @@ from mixsp_core.losses.distill import DistillLoss, fit_pca_projection
 from mixsp_core.losses.infonce import InfoNCELoss
 from mixsp_core.losses.listwise import ListwiseRankLoss
 from mixsp_core.losses.multi_positive_infonce import MultiPositiveInfoNCELoss
+from mixsp_core.losses.modulus import ModulusLoss
 from mixsp_core.losses.pearson import PearsonLoss
 from mixsp_core.losses.rank_kl import RankKLLoss
 from mixsp_core.losses.routing import PUBLISHED_CLASS_COUNTS, RoutingLoss
@@ -13,7 +14,7 @@ from mixsp_core.losses.score_bce import ScoreBCELoss
 from mixsp_core.losses.similarity_distill import SimilarityDistillLoss
 
 __all__ = [
-    "CoSENTLoss", "DistillLoss", "InfoNCELoss", "ListwiseRankLoss", "PearsonLoss", "RankKLLoss",
+    "CoSENTLoss", "DistillLoss", "InfoNCELoss", "ListwiseRankLoss", "ModulusLoss", "PearsonLoss", "RankKLLoss",
     "RoutingLoss", "ScoreBCELoss", "SimilarityDistillLoss", "PUBLISHED_CLASS_COUNTS", "fit_pca_projection",
     "MultiPositiveInfoNCELoss",
     "DefinitionLoss",  # DefSent+

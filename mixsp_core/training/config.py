@@ -58,6 +58,14 @@ class ModelConfig:
     output_bias: bool = True
     output_init: str = "random"  # random | pca (student features) | teacher (least squares to PCA_k(teacher))
     normalize: bool = True  # L2-normalise what .encode returns
+    # JTCSE twin towers (mixsp_core.models.twin, training.jtcse): train a second tower (a copy of the encoder, its
+    # own heads) with cross-attention between the towers' token states, the STS loss on the ensemble and the
+    # saved (single) tower distilled from it; the checkpoint stays one plain student
+    twin_cross_attention: bool = False
+    twin_heads: int = 4  # attention heads of each cross-attention block (must divide the encoder width)
+    twin_layers: int = 1  # cross-attention blocks, each tower attending to the other in every block
+    twin_dropout: float = 0.1
+    twin_encoder_noise: float = 0.0  # tower B's encoder weights times (1 + noise * N(0, 1)), seeded
 
     def validate(self, prefix: str = "model") -> None:
         _choice(f"{prefix}.kind", self.kind, MODEL_KINDS)
@@ -75,6 +83,11 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.num_projectors", "the cross model needs at least one projector")
         if self.output_init != "random" and self.output_dim == 0:
             raise ConfigError(f"{prefix}.output_init", "needs an output projection (output_dim > 0)")
+        _at_least(f"{prefix}.twin_heads", self.twin_heads, 1)
+        _at_least(f"{prefix}.twin_layers", self.twin_layers, 1)
+        _at_least(f"{prefix}.twin_encoder_noise", self.twin_encoder_noise, 0.0)
+        if not 0.0 <= self.twin_dropout < 1.0:
+            raise ConfigError(f"{prefix}.twin_dropout", f"must lie in [0, 1), got {self.twin_dropout}")
 
 
 @dataclass
@@ -161,6 +174,15 @@ class LossConfig:
     definition_temperature: float = 0.05
     definition_candidates: int = 0
     definition_center: bool = False
+    # JTCSE (mixsp_core.losses.modulus): the modulus constraint on positive pairs' pre-normalisation embeddings,
+    # STS pairs with gold >= data.upper_threshold (modulus) and NLI anchor/entailment pairs (modulus_nli)
+    modulus: float = 0.0
+    modulus_nli: float = 0.0
+    modulus_form: str = "joint"  # joint: -log(cos) * ||a-b||/(||a||+||b||) (JTCSE) | distance (TNCSE) | ratio
+    # JTCSE twin towers (model.twin_cross_attention): the STS terms (and modulus) on the cross-attended ensemble's
+    # embedding, and the MSE of the single tower's in-batch cosines to the ensemble's (the distillation)
+    twin_ensemble: float = 0.0
+    twin_distill: float = 0.0
 
     @property
     def uses_teacher(self) -> bool:
@@ -177,6 +199,7 @@ class LossConfig:
             raise ConfigError(f"{prefix}.matryoshka_dims", "must list prefix sizes when loss.matryoshka > 0")
         _choice(f"{prefix}.layer_mode", self.layer_mode, ("sample", "all"))
         _at_least(f"{prefix}.ese_dim", self.ese_dim, 1)
+        _choice(f"{prefix}.modulus_form", self.modulus_form, ("joint", "distance", "ratio"))
         for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature", "retrieval_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
@@ -376,6 +399,7 @@ class RunConfig:
                               f"loss.matryoshka > 0, got {loss.matryoshka_dims}")
         if loss.ese_alignment > 0 and width and loss.ese_dim >= width:
             raise ConfigError("loss.ese_dim", f"must be smaller than model.output_dim ({width}), got {loss.ese_dim}")
+        _validate_jtcse(self)
         if loss.definition > 0 and kind != "bi":  # DefSent+
             raise ConfigError("loss.definition", "embeds definition sentences: the bi student only")
         if loss.definition > 0 and not self.data.definitions.strip():
@@ -413,7 +437,30 @@ STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, g
 _COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
 # every weighted term of LossConfig, in the order the trainer sums them
 LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS,
-              "retrieval", "definition")  # retrieval: CoDiEmb IR; definition: DefSent+
+              "retrieval", "definition", "modulus", "modulus_nli", "twin_ensemble", "twin_distill")
+
+
+def _validate_jtcse(config: RunConfig) -> None:
+    """JTCSE's combinations: the modulus terms and the twin towers are for the bi student; the twin's terms
+    need the twin and the twin needs its ensemble term (and an STS term to apply there)."""
+    loss, model = config.loss, config.model
+    for name in ("modulus", "modulus_nli", "twin_ensemble", "twin_distill"):
+        if getattr(loss, name) > 0 and model.kind != "bi":
+            raise ConfigError(f"loss.{name}", "applies to the bi student only")
+    if model.twin_cross_attention and model.kind != "bi":
+        raise ConfigError("model.twin_cross_attention", "applies to the bi student only")
+    if loss.modulus_nli > 0 and not (config.data.nli and loss.infonce > 0):
+        raise ConfigError("loss.modulus_nli", "needs the NLI batches: set data.nli: true and loss.infonce > 0")
+    for name in ("twin_ensemble", "twin_distill"):
+        if getattr(loss, name) > 0 and not model.twin_cross_attention:
+            raise ConfigError(f"loss.{name}", "needs the twin towers: set model.twin_cross_attention: true")
+    if model.twin_cross_attention:
+        if loss.twin_ensemble <= 0:
+            raise ConfigError("loss.twin_ensemble", "must be > 0 with model.twin_cross_attention (the ensemble's "
+                              "loss is what trains the second tower and the cross-attention)")
+        if not any(getattr(loss, name) > 0 for name in STS_TERMS):
+            raise ConfigError("loss.twin_ensemble", "needs an STS term to apply to the ensemble "
+                              "(cosent, pearson, rank_kl or listwise > 0)")
 
 
 # --------------------------------------------------------------------------- building from dicts

@@ -51,6 +51,7 @@ from mixsp_core.training.batches import TrainData, select_pairs
 from mixsp_core.training.config import RunConfig, dump_config, flatten
 from mixsp_core.training.definitions import DefinitionTerm
 from mixsp_core.training.distributed import DistContext, setup, weights_digest
+from mixsp_core.training.jtcse import TwinTerms, add_twin_params, build_twin, restore_twin, save_twin, trained_modules
 from mixsp_core.training.objective import Objective, linear_schedule, make_optimizer, optimizer_step, step_terms
 from mixsp_core.training.report import LossWindow, Progress, TrainResult, evaluate_dev, evaluate_encoder, finish_report
 from mixsp_core.training.resume import resume_state
@@ -128,11 +129,13 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
     model.to(device).train()
     if saved is None and config.model.output_init != "random":
         _init_output(model, config, data)
+    twin = build_twin(config, model, ctx.enabled)  # JTCSE's second tower + cross-attention (None: off)
     if saved is None and tc.snapshot_every and main:
         # the fusion start theta_0: the heads are random per seed, so the base encoder alone is not it
         save(run.start, extra={"step": 0, "config": config.to_dict()})
     net = ctx.wrap(model)  # DDP copies rank 0's weights to every rank here
     optimizer = make_optimizer(model, config)
+    add_twin_params(optimizer, twin, config)
     scheduler = linear_schedule(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     progress = Progress()
     if saved:
@@ -140,11 +143,13 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
         restore_optimizer(optimizer, state, tensors, run.last)
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress.from_state(state)
+        restore_twin(twin, run.last, progress.step)
         log.info("resuming %s from step %d", run.root, progress.step)
     if ctx.rank > 0:  # own dropout masks per rank; rank 0 keeps the single-process RNG stream
         torch.manual_seed(int(np.random.default_rng([config.seed, ctx.rank, progress.step]).integers(2**31)))
     objective = Objective(config, data.class_counts).to(device)
     definitions = DefinitionTerm.build(config, ctx)  # DefSent+ (None unless loss.definition > 0)
+    objective.twin_terms = TwinTerms(twin) if twin is not None else None
     use_amp = tc.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if tc.amp_dtype == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
@@ -179,6 +184,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
                 save(run.last, optimizer=optimizer, trainer_state={
                     **asdict(progress), "total_steps": total_steps, "scheduler": scheduler.state_dict(),
                     "config": config.to_dict(), "tracking_run_id": tracker.run_id})
+                save_twin(twin, run.last, progress.step)
         ctx.barrier()
         progress.stopped_early = ctx.broadcast_flag(progress.stopped_early)
 
@@ -201,7 +207,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
                 if definitions is not None:
                     terms |= definitions.terms(model, net, step, ctx)
                 loss = objective.total(terms)
-            grad_norm = optimizer_step(loss, model, optimizer, scaler, ctx, tc.grad_clip)
+            grad_norm = optimizer_step(loss, trained_modules(model, twin), optimizer, scaler, ctx, tc.grad_clip)
             scheduler.step()
             progress.step = step = step + 1
             bar.update(1)

@@ -19,6 +19,7 @@ from mixsp_core.losses import (
     InfoNCELoss,
     ListwiseRankLoss,
     MultiPositiveInfoNCELoss,
+    ModulusLoss,
     PearsonLoss,
     RankKLLoss,
     RoutingLoss,
@@ -104,6 +105,9 @@ class Objective(nn.Module):
         # one earlier layer's stack: full + (prefixes when matryoshka is on) + (alignment when ESE is on)
         self.layer_stack = MatryoshkaLoss(self.sts, lc.matryoshka_dims if lc.matryoshka > 0 else [],
                                           full_weight=1.0, ese_dim=lc.ese_dim if lc.ese_alignment > 0 else None)
+        # JTCSE: the modulus constraint on positive pairs; the twin towers' terms (training.jtcse.TwinTerms) when set
+        self.modulus = ModulusLoss(lc.modulus_form)
+        self.twin_terms: Callable[..., dict[str, torch.Tensor]] | None = None
 
     def sts(self, cos: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         """A(cos, gold): the weighted STS terms, the base loss of the Matryoshka and layer terms."""
@@ -137,6 +141,8 @@ class Objective(nn.Module):
             for name in STS_TERMS:
                 if name in self.weights:
                     terms[name] = getattr(self, name)(cos, gold)
+            if "modulus" in self.weights:  # a, b: the embeddings before normalisation
+                terms["modulus"] = self.modulus(a, b, upper)
             if "matryoshka" in self.weights:
                 terms["matryoshka"] = self.prefixes(a, b, gold)
             if "ese_alignment" in self.weights and self.ese_dim < a.shape[-1]:
@@ -167,9 +173,19 @@ class Objective(nn.Module):
     def nli_term(self, model: nn.Module, anchor: list[str], positive: list[str], negative: list[str],
                  forward: Callable | None = None, gather: Gather = _no_gather) -> torch.Tensor:
         """InfoNCE over the global batch: every rank's positives and hard negatives are candidates."""
+        return self.nli_terms(model, anchor, positive, negative, forward, gather)["infonce"]
+
+    def nli_terms(self, model: nn.Module, anchor: list[str], positive: list[str], negative: list[str],
+                  forward: Callable | None = None, gather: Gather = _no_gather) -> dict[str, torch.Tensor]:
+        """``infonce`` (as :meth:`nli_term`) and, when weighted, ``modulus_nli``: the modulus constraint on the
+        (anchor, entailment) pairs."""
         n = len(anchor)
         emb = (forward or model)(model.tokenize(anchor + positive + negative)).embedding
-        return self.infonce(gather(emb[:n]), gather(emb[n:2 * n]), gather(emb[2 * n:]))
+        anchors, positives = gather(emb[:n]), gather(emb[n:2 * n])
+        terms = {"infonce": self.infonce(anchors, positives, gather(emb[2 * n:]))}
+        if "modulus_nli" in self.weights:
+            terms["modulus_nli"] = self.modulus(anchors, positives)
+        return terms
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * value for name, value in terms.items())
@@ -189,8 +205,10 @@ def step_terms(objective: Objective, model: nn.Module, net: nn.Module, data: Tra
     idx = data.pairs.indices(step)
     local = ctx.shard(idx)
     gold = torch.as_tensor(data.gold[idx], device=ctx.device)
-    terms = objective.pair_terms(model, list(data.train["sentence1"].iloc[local]),
-                                 list(data.train["sentence2"].iloc[local]), gold, step, net, ctx.gather)
+    left, right = list(data.train["sentence1"].iloc[local]), list(data.train["sentence2"].iloc[local])
+    terms = objective.pair_terms(model, left, right, gold, step, net, ctx.gather)
+    if objective.twin_terms is not None:  # JTCSE's twin towers (one process: the local rows are the batch)
+        terms |= objective.twin_terms(objective, model, left, right, gold)
     if distill:
         rows = data.distill.indices(step)
         terms |= objective.distill_terms(
@@ -201,8 +219,7 @@ def step_terms(objective: Objective, model: nn.Module, net: nn.Module, data: Tra
         rows = data.triplets.iloc[local_rows]
         # Conan: the latest mined negatives (train.mine_negatives per row) replace the static ones
         negatives = data.mined.negatives(local_rows) if data.mined is not None else list(rows["hard_negative"])
-        terms["infonce"] = objective.nli_term(model, list(rows["anchor"]), list(rows["positive"]), negatives, net,
-                                              ctx.gather)
+        terms |= objective.nli_terms(model, list(rows["anchor"]), list(rows["positive"]), negatives, net, ctx.gather)
     return terms
 
 
