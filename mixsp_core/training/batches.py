@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from mixsp_core.paths import shared_dir
 from mixsp_core.training.config import RunConfig
 from mixsp_core.training.neighbours import nearest_neighbours
 from mixsp_core.training.silver import silver_pairs
+
+if typing.TYPE_CHECKING:  # annotations only
+    from mixsp_core.training.unsupervised import SentenceBatches
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +192,7 @@ class TrainData:
     distill: BatchStream | NeighbourBatches
     triplets: pd.DataFrame | None
     nli: BatchStream | None
+    simcse: SentenceBatches | None = None  # 2-Tier SimCSE: corpus sentences (loss.simcse > 0)
 
     @classmethod
     def build(cls, config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,
@@ -209,7 +214,10 @@ class TrainData:
         if lc.infonce > 0 and triplets is None:
             triplets = load_triplets(config)
         nli = BatchStream(len(triplets), tc.nli_batch_size, config.seed, NLI_STREAM) if lc.infonce > 0 else None
-        return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli)
+        from mixsp_core.training.unsupervised import simcse_batches  # 2-Tier SimCSE (imports this module)
+
+        return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli,
+                   simcse=simcse_batches(config, corpus))
 
 
 def with_silver_pairs(config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,

@@ -22,6 +22,7 @@ from mixsp_core.losses import (
     RankKLLoss,
     RoutingLoss,
     ScoreBCELoss,
+    SimCSELoss,
     SimilarityDistillLoss,
 )
 from mixsp_core.losses.matryoshka import MatryoshkaLoss, alignment_loss, ese_pca, layer_weight
@@ -96,6 +97,7 @@ class Objective(nn.Module):
         self.distill = DistillLoss()
         self.distill_sim = SimilarityDistillLoss()
         self.infonce = InfoNCELoss(lc.infonce_temperature)
+        self.simcse = SimCSELoss(lc.simcse_temperature, lc.simcse_symmetric)  # 2-Tier SimCSE
         self.layer_mode, self.ese_dim = lc.layer_mode, lc.ese_dim
         # prefixes only: the full-width term is the STS terms themselves
         self.prefixes = MatryoshkaLoss(self.sts, lc.matryoshka_dims, full_weight=0.0, ese_dim=None)
@@ -178,11 +180,15 @@ def step_terms(objective: Objective, model: nn.Module, net: nn.Module, data: Tra
     """The loss terms of ``step``: its batch of pairs, plus its distillation batch (when ``distill``:
     ``loss.uses_teacher``) and its NLI batch (when ``data.nli`` is set); each rank encodes its slice of
     the global batches, ``net`` is what runs ``model`` (its DDP wrapper when distributed)."""
-    idx = data.pairs.indices(step)
-    local = ctx.shard(idx)
-    gold = torch.as_tensor(data.gold[idx], device=ctx.device)
-    terms = objective.pair_terms(model, list(data.train["sentence1"].iloc[local]),
-                                 list(data.train["sentence2"].iloc[local]), gold, step, net, ctx.gather)
+    from mixsp_core.training.unsupervised import unsupervised_terms, uses_pairs  # 2-Tier SimCSE
+
+    terms = unsupervised_terms(objective, model, net, data, step, ctx)
+    if uses_pairs(objective.weights):  # a stage on SimCSE sentences or NLI triplets alone encodes no pairs
+        idx = data.pairs.indices(step)
+        local = ctx.shard(idx)
+        gold = torch.as_tensor(data.gold[idx], device=ctx.device)
+        terms |= objective.pair_terms(model, list(data.train["sentence1"].iloc[local]),
+                                      list(data.train["sentence2"].iloc[local]), gold, step, net, ctx.gather)
     if distill:
         rows = data.distill.indices(step)
         terms |= objective.distill_terms(
