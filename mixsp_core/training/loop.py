@@ -79,10 +79,6 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
     ``tracker``, and only rank 0's result carries the metrics. Rank 0 holds the run directory's output
     lock throughout (:func:`_claim_output`): a second run into the same directory is refused at once.
     """
-    if config.stages:  # a multi-stage run: each stage is a run of this function (training.multistage)
-        from mixsp_core.training.multistage import run_stages
-
-        return run_stages(config, pairs, corpus, teacher_targets, out_dir, tracker, triplets, show_progress)
     run = RunDir(Path(out_dir) if out_dir is not None else config.resolved_output_dir())
     threads_before = torch.get_num_threads()
     if config.train.num_threads:
@@ -92,7 +88,10 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
         if not ctx.is_main:  # rank 0 alone records the run and shows progress
             tracker, show_progress = NullTracker(), False
         with _claim_output(run, ctx):
-            return _run(config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets,
+            body = _run
+            if config.stages:  # a multi-stage run: each stage is a run of this function (training.multistage)
+                from mixsp_core.training.multistage import run_stages as body
+            return body(config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets,
                         show_progress, ctx)
     finally:
         ctx.close()

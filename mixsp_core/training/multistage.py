@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -41,9 +41,12 @@ from mixsp_core.evaluate.contamination import read_seen_pairs, write_seen_pairs
 from mixsp_core.io import write_json_atomic, writing_dir
 from mixsp_core.paths import RunDir
 from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
-from mixsp_core.tracking.tracker import NullTracker, Tracker
+from mixsp_core.tracking.tracker import Tracker
 from mixsp_core.training.config import RunConfig, StageConfig, apply_overrides, config_from_dict, dump_config, flatten
 from mixsp_core.training.report import TrainResult
+
+if TYPE_CHECKING:  # annotations only
+    from mixsp_core.training.distributed import DistContext
 
 STAGES_DIR = "stages"
 STAGE_RESULT_FILE = "stage_result.json"  # written when a stage finished: its config and its TrainResult
@@ -180,30 +183,12 @@ def finished_stage(config: RunConfig, run: RunDir) -> TrainResult | None:
     return _result_from_json(record.get("result", {}))
 
 
-def run_stages(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None = None,
-               teacher_targets: np.ndarray | None = None, out_dir: str | Path | None = None,
-               tracker: Tracker | None = None, triplets: pd.DataFrame | None = None,
-               show_progress: bool = True) -> TrainResult:
-    """Train every stage of ``config`` in order (see the module doc); arguments as for ``run_training``, which
-    calls this for a config with stages. Under torchrun the process group is joined once, for every stage."""
-    from mixsp_core.training.distributed import setup
-    from mixsp_core.training.loop import _claim_output, resolve_device
-
-    run = RunDir(Path(out_dir) if out_dir is not None else config.resolved_output_dir())
-    ctx = setup(resolve_device(config.train.device))
-    try:
-        if not ctx.is_main:
-            tracker, show_progress = NullTracker(), False
-        with _claim_output(run, ctx):
-            return _run_stages(config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets,
-                               show_progress, ctx)
-    finally:
-        ctx.close()
-
-
-def _run_stages(config, pairs, corpus, teacher_targets, run: RunDir, tracker: Tracker, triplets,
-                show_progress: bool, ctx) -> TrainResult:
-    """The body of :func:`run_stages` on one process."""
+def run_stages(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None,
+               teacher_targets: np.ndarray | None, run: RunDir, tracker: Tracker, triplets: pd.DataFrame | None,
+               show_progress: bool, ctx: DistContext) -> TrainResult:
+    """Train every stage of ``config`` in order (see the module doc): the body of ``run_training`` for a config
+    with stages, on one process (rank ``ctx.rank``; under torchrun every stage uses the group joined there),
+    holding the run directory's lock."""
     from mixsp_core.training.loop import run_training
 
     if ctx.is_main:
