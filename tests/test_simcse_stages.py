@@ -20,6 +20,7 @@ from mixsp_core.training.config import TrainConfig, config_from_dict, load_confi
 from mixsp_core.training.dropout import DropoutSchedule, dropout_rates, set_dropout
 from mixsp_core.training.loop import run_training
 from mixsp_core.training.multistage import STAGE_RESULT_FILE, stage_configs
+from mixsp_core.training.resume import can_resume
 from tests.train_helpers import Interrupt, one_thread, small_pairs
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -273,6 +274,8 @@ def test_two_stage_run_chains_the_weights_and_resumes(tiny_bert_dir, pairs, corp
                      show_progress=False)
     assert (tmp_path / "cut/stages/simcse" / STAGE_RESULT_FILE).is_file()
     assert not (tmp_path / "cut/stages/sts" / STAGE_RESULT_FILE).is_file()
+    assert can_resume(config, RunDir(tmp_path / "cut")) and not can_resume(config, RunDir(tmp_path / "none"))
+    assert not can_resume(config, run)  # finished: a retrain trains again
     resumed = NullTracker()
     again = run_training(config, pairs, corpus, out_dir=tmp_path / "cut", tracker=resumed, show_progress=False)
     assert not any(k.startswith("simcse/train") for _, m in resumed.metrics for k in m)

@@ -20,7 +20,8 @@ reads a run is unchanged: ``best/`` (its seen pairs: those of every stage), ``me
 
 Resume: a stage that finished (its ``stage_result.json`` records the same stage config) is skipped; an
 interrupted one resumes from its own ``last/`` (the loop's resume rules, per stage); ``train.resume: false``
-trains every stage again. Tracking: one tracker for the whole run; each stage's params, metrics, tags and
+trains every stage again (and clears each stage's old ``snapshots/`` and ``start/``); :func:`can_resume_stages` is
+the pipeline's "interrupted run of this config?" for a staged run. Tracking: one tracker for the whole run; each stage's params, metrics, tags and
 artifacts carry the prefix ``NAME/`` (``simcse/dev/mean``); the run's result is logged unprefixed at the end.
 """
 
@@ -183,6 +184,17 @@ def finished_stage(config: RunConfig, run: RunDir) -> TrainResult | None:
     return _result_from_json(record.get("result", {}))
 
 
+def can_resume_stages(config: RunConfig, run: RunDir) -> bool:
+    """:func:`~mixsp_core.training.resume.can_resume` for a multi-stage run: a stage of this same config
+    finished or interrupted, and the final stage not finished."""
+    from mixsp_core.training.resume import can_resume
+
+    chain = [(c, RunDir(stage_dir(run.root, s.name))) for s, c in zip(config.stages, stage_configs(config, run.root))]
+    if finished_stage(*chain[-1]) is not None:
+        return False
+    return any(finished_stage(c, r) is not None or can_resume(c, r) for c, r in chain)
+
+
 def run_stages(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None,
                teacher_targets: np.ndarray | None, run: RunDir, tracker: Tracker, triplets: pd.DataFrame | None,
                show_progress: bool, ctx: DistContext) -> TrainResult:
@@ -204,6 +216,9 @@ def run_stages(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | N
             ctx.barrier()  # every rank has looked for the record before rank 0 removes it
             if ctx.is_main:
                 (stage_run.root / STAGE_RESULT_FILE).unlink(missing_ok=True)
+                if not stage_config.train.resume:  # an older run's merge inputs are not this run's
+                    shutil.rmtree(stage_run.snapshots, ignore_errors=True)
+                    shutil.rmtree(stage_run.start, ignore_errors=True)
             done = run_training(stage_config, pairs, corpus, teacher_targets, stage_run.root,
                                 StageTracker(tracker, stage.name), triplets, show_progress)
             if ctx.is_main:
