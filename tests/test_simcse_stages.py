@@ -244,7 +244,8 @@ def test_two_stage_run_chains_the_weights_and_resumes(tiny_bert_dir, pairs, corp
     config = _two_stage(tiny_bert_dir)
     tracker = NullTracker()
     result = run_training(config, pairs, corpus, out_dir=tmp_path / "full", tracker=tracker, show_progress=False)
-    run, simcse, sts = RunDir(tmp_path / "full"), RunDir(tmp_path / "full/stages/simcse"), RunDir(tmp_path / "full/stages/sts")
+    run = RunDir(tmp_path / "full")
+    simcse, sts = RunDir(run.root / "stages/simcse"), RunDir(run.root / "stages/sts")
 
     # stage 2 started from stage 1's best (its start/ is its step-0 model), which SimCSE moved off the encoder
     assert _same(read_weights(sts.start), read_weights(simcse.best))

@@ -20,9 +20,11 @@ reads a run is unchanged: ``best/`` (its seen pairs: those of every stage), ``me
 
 Resume: a stage that finished (its ``stage_result.json`` records the same stage config) is skipped; an
 interrupted one resumes from its own ``last/`` (the loop's resume rules, per stage); ``train.resume: false``
-trains every stage again (and clears each stage's old ``snapshots/`` and ``start/``); :func:`can_resume_stages` is
-the pipeline's "interrupted run of this config?" for a staged run. Tracking: one tracker for the whole run; each stage's params, metrics, tags and
-artifacts carry the prefix ``NAME/`` (``simcse/dev/mean``); the run's result is logged unprefixed at the end.
+trains every stage again (and clears each stage's old ``snapshots/`` and ``start/``). :func:`can_resume_stages`
+is the pipeline's "an interrupted run of this config?" for a staged run.
+
+Tracking: one tracker for the whole run; each stage's params, metrics, tags and artifacts carry the prefix
+``NAME/`` (``simcse/dev/mean``, ``simcse/train.lr``); the run's result is logged unprefixed at the end.
 """
 
 from __future__ import annotations
