@@ -12,10 +12,12 @@ from mixsp_core.losses.rank_kl import RankKLLoss
 from mixsp_core.losses.routing import PUBLISHED_CLASS_COUNTS, RoutingLoss
 from mixsp_core.losses.score_bce import ScoreBCELoss
 from mixsp_core.losses.similarity_distill import SimilarityDistillLoss
+from mixsp_core.losses.simcse import SimCSELoss  # 2-Tier SimCSE
 
 __all__ = [
     "CoSENTLoss", "DistillLoss", "InfoNCELoss", "ListwiseRankLoss", "ModulusLoss", "PearsonLoss", "RankKLLoss",
     "RoutingLoss", "ScoreBCELoss", "SimilarityDistillLoss", "PUBLISHED_CLASS_COUNTS", "fit_pca_projection",
     "MultiPositiveInfoNCELoss",
     "DefinitionLoss",  # DefSent+
+    "SimCSELoss",  # 2-Tier SimCSE
 ]

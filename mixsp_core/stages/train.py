@@ -24,6 +24,7 @@ from mixsp_core.tracking.tracker import TRAINING_RUN_FILE, RunTarget, Tracker, t
 from mixsp_core.training.config import RunConfig, apply_overrides, config_from_dict, load_config
 from mixsp_core.training.distributed import is_main_process
 from mixsp_core.training.loop import TrainResult, run_training
+from mixsp_core.training.multistage import run_configs
 from mixsp_core.training.resume import can_resume
 
 
@@ -42,9 +43,12 @@ def training_inputs(config: RunConfig, paths: PipelinePaths) -> tuple[pd.DataFra
     else:
         pairs, report = check_pairs(config.data.spec)
         report.raise_for_failures()
-    if not config.needs_teacher:
+    runs = run_configs(config)  # a multi-stage run's inputs serve every stage
+    if not any(run.needs_corpus for run in runs):
         return pairs, None, None
     corpus = read_corpus_file(paths) if config.data.corpus == "auto" else read_corpus(Path(config.data.corpus))
+    if not any(run.needs_teacher for run in runs):  # SimCSE reads the corpus sentences alone
+        return pairs, corpus, None
     teacher, _ = encode_with_teacher(corpus, paths, config.data.teacher)
     return pairs, corpus, teacher
 

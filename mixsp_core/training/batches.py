@@ -29,6 +29,7 @@ from mixsp_core.training.silver import silver_pairs
 if TYPE_CHECKING:  # annotations only
     from mixsp_core.training.mining import HardNegativeMiner
     from mixsp_core.training.tasks import RetrievalBatches, TaskSampler
+    from mixsp_core.training.unsupervised import SentenceBatches
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ class TrainData:
     mined: HardNegativeMiner | None = None
     tasks: TaskSampler | None = None
     retrieval: RetrievalBatches | None = None
+    simcse: SentenceBatches | None = None  # 2-Tier SimCSE: corpus sentences (loss.simcse > 0)
 
     @classmethod
     def build(cls, config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,
@@ -222,10 +224,11 @@ class TrainData:
         nli = BatchStream(len(triplets), tc.nli_batch_size, config.seed, NLI_STREAM) if lc.infonce > 0 else None
         from mixsp_core.training.mining import negative_miner
         from mixsp_core.training.tasks import task_streams
+        from mixsp_core.training.unsupervised import simcse_batches  # 2-Tier SimCSE (imports this module)
 
         mined = negative_miner(config, triplets, corpus, snli_folder(config).parent)
         return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli, mined,
-                   **task_streams(config))
+                   simcse=simcse_batches(config, corpus), **task_streams(config))
 
 
 def with_silver_pairs(config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,9 @@ ROUTING_MODES = ("hard", "soft")
 ACTIVATIONS = ("tanh", "none")
 OUTPUT_INITS = ("random", "pca", "teacher")
 POOLINGS = ("mean", "cls")
+DROPOUT_SCHEDULES = ("none", "standard", "curriculum", "adaptive")  # 2-Tier SimCSE
+STAGE_INITS = ("best", "last")  # multi-stage runs: which checkpoint of the previous stage a stage starts from
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder name under output_dir/stages/
 
 
 @dataclass
@@ -183,6 +187,10 @@ class LossConfig:
     # embedding, and the MSE of the single tower's in-batch cosines to the ensemble's (the distillation)
     twin_ensemble: float = 0.0
     twin_distill: float = 0.0
+    # 2-Tier SimCSE: unsupervised SimCSE on corpus sentences (mixsp_core.losses.simcse, training.unsupervised)
+    simcse: float = 0.0
+    simcse_temperature: float = 0.05
+    simcse_symmetric: bool = False  # also the transposed direction (the paper's loss is one-directional)
 
     @property
     def uses_teacher(self) -> bool:
@@ -210,6 +218,8 @@ class LossConfig:
             len(self.routing_class_counts) != 2 or min(self.routing_class_counts) < 1
         ):
             raise ConfigError(f"{prefix}.routing_class_counts", "must be [lower, upper], both >= 1, or empty")
+        if not self.simcse_temperature > 0:  # 2-Tier SimCSE
+            raise ConfigError(f"{prefix}.simcse_temperature", f"must be > 0, got {self.simcse_temperature}")
 
 
 @dataclass
@@ -264,6 +274,14 @@ class TrainConfig:
     definition_refresh_every: int = 100
     definition_entry_momentum: float = 0.0
     definition_entries: str = "glosses"
+    # 2-Tier SimCSE and multi-stage runs (mixsp_core.training.dropout, training.unsupervised, training.multistage)
+    simcse_batch_size: int = 64  # corpus sentences per step (when loss.simcse > 0), each encoded twice
+    dropout_schedule: str = "none"  # none (the encoder's own rates) | standard | curriculum | adaptive
+    dropout_p: float = 0.1  # standard: every dropout of the encoder at this rate
+    dropout_p_start: float = 0.05  # curriculum / adaptive: the rate of the first step, moving towards ...
+    dropout_p_end: float = 0.15  # ... this one (curriculum: reached at the last step; adaptive: as the loss -> 0)
+    dropout_loss_momentum: float = 0.9  # adaptive: momentum of the moving average of the training loss
+    init_checkpoint: str = ""  # start from this checkpoint's weights (a stage: the previous stage's); "": fresh
 
     def validate(self, prefix: str = "train") -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -291,6 +309,12 @@ class TrainConfig:
         _choice(f"{prefix}.amp_dtype", self.amp_dtype, ("bf16", "fp16"))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{prefix}.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        # 2-Tier SimCSE: dropout schedules (mixsp_core.training.dropout)
+        _at_least(f"{prefix}.simcse_batch_size", self.simcse_batch_size, 2)
+        _choice(f"{prefix}.dropout_schedule", self.dropout_schedule, DROPOUT_SCHEDULES)
+        for name in ("dropout_p", "dropout_p_start", "dropout_p_end", "dropout_loss_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{prefix}.{name}", f"must lie in [0, 1), got {getattr(self, name)}")
         _at_least(f"{prefix}.definition_batch_size", self.definition_batch_size, 2)  # DefSent+
         _at_least(f"{prefix}.definition_refresh_every", self.definition_refresh_every, 1)
         if not 0.0 <= self.definition_entry_momentum < 1.0:
@@ -335,6 +359,23 @@ class TrackingConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage run (:mod:`mixsp_core.training.multistage`): the run's own settings with
+    ``overrides`` (dotted keys, ``train.lr: 1.0e-5``, or nested sections, ``train: {lr: 1.0e-5}``), trained in
+    ``output_dir/stages/<name>/`` from the previous stage's ``init`` checkpoint (best: its dev-selected model)."""
+
+    name: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str = "best"  # best | last checkpoint of the previous stage (unused by the first stage)
+
+    def validate(self, prefix: str) -> None:
+        if not STAGE_NAME.match(self.name):
+            raise ConfigError(f"{prefix}.name", f"must be 1-64 letters, digits, '_' or '-' (a folder name), "
+                              f"got {self.name!r}")
+        _choice(f"{prefix}.init", self.init, STAGE_INITS)
+
+
+@dataclass
 class RunConfig:
     """One training run: everything ``run_training`` needs besides the data."""
 
@@ -346,6 +387,8 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # multi-stage runs (mixsp_core.training.multistage): empty: one run; else one run per stage, in order
+    stages: list[StageConfig] = field(default_factory=list)
 
     def validate(self) -> RunConfig:
         """Check every field and the combinations between sections; return self."""
@@ -360,6 +403,10 @@ class RunConfig:
         self.train.validate()
         self.tracking.validate()
         self._validate_combinations()
+        if self.stages:  # multi-stage runs: each stage's config must be a valid run too
+            from mixsp_core.training.multistage import check_stages
+
+            check_stages(self)
         return self
 
     def _validate_combinations(self) -> None:
@@ -376,6 +423,8 @@ class RunConfig:
                                       "it does not embed sentences); use score_bce and routing")
         elif loss.score_bce > 0:
             raise ConfigError("loss.score_bce", "only the cross model has a score head")
+        if loss.simcse > 0 and kind != "bi":  # 2-Tier SimCSE
+            raise ConfigError("loss.simcse", "SimCSE embeds sentences: the bi student only")
         if loss.routing > 0 and self.model.num_projectors != 2:
             raise ConfigError("loss.routing", "the routing loss needs model.num_projectors: 2 (upper / lower)")
         for name in ("distill", "distill_sim"):
@@ -426,6 +475,11 @@ class RunConfig:
         silver pairs (scored by the teacher)."""
         return self.loss.uses_teacher or self.model.output_init == "teacher" or self.data.silver_pairs > 0
 
+    @property
+    def needs_corpus(self) -> bool:
+        """Whether the run reads the corpus: for its teacher rows, or as SimCSE's unlabeled sentences."""
+        return self.needs_teacher or self.loss.simcse > 0
+
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("data") / "models" / self.name
 
@@ -437,7 +491,8 @@ STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, g
 _COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
 # every weighted term of LossConfig, in the order the trainer sums them
 LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS,
-              "retrieval", "definition", "modulus", "modulus_nli", "twin_ensemble", "twin_distill")
+              "retrieval", "definition", "modulus", "modulus_nli", "twin_ensemble", "twin_distill",
+              "simcse")
 
 
 def _validate_jtcse(config: RunConfig) -> None:
@@ -521,6 +576,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(name, f"must be a list, got {type(value).__name__} ({value!r})")
         (item,) = typing.get_args(hint)
         return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):  # a list of sections (run.stages)
+        return build_dataclass(hint, value, name)
+    if origin is dict:  # a free mapping (a stage's overrides), checked where it is applied
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"must be a mapping, got {type(value).__name__} ({value!r})")
+        return dict(value)
     if hint is float:
         # YAML 1.1 reads "5e-5" (no dot) as a string: accept numeric strings for float fields
         if isinstance(value, str):

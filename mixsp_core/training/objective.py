@@ -24,6 +24,7 @@ from mixsp_core.losses import (
     RankKLLoss,
     RoutingLoss,
     ScoreBCELoss,
+    SimCSELoss,
     SimilarityDistillLoss,
 )
 from mixsp_core.losses.matryoshka import MatryoshkaLoss, alignment_loss, ese_pca, layer_weight
@@ -99,6 +100,7 @@ class Objective(nn.Module):
         self.distill_sim = SimilarityDistillLoss()
         self.infonce = InfoNCELoss(lc.infonce_temperature)
         self.retrieval = MultiPositiveInfoNCELoss(lc.retrieval_temperature)  # CoDiEmb's retrieval steps
+        self.simcse = SimCSELoss(lc.simcse_temperature, lc.simcse_symmetric)  # 2-Tier SimCSE
         self.layer_mode, self.ese_dim = lc.layer_mode, lc.ese_dim
         # prefixes only: the full-width term is the STS terms themselves
         self.prefixes = MatryoshkaLoss(self.sts, lc.matryoshka_dims, full_weight=0.0, ese_dim=None)
@@ -202,13 +204,17 @@ def step_terms(objective: Objective, model: nn.Module, net: nn.Module, data: Tra
         task, step = data.tasks.at(step)
         if task == RETRIEVAL:
             return retrieval_terms(objective, model, data.retrieval, step, ctx, net)
-    idx = data.pairs.indices(step)
-    local = ctx.shard(idx)
-    gold = torch.as_tensor(data.gold[idx], device=ctx.device)
-    left, right = list(data.train["sentence1"].iloc[local]), list(data.train["sentence2"].iloc[local])
-    terms = objective.pair_terms(model, left, right, gold, step, net, ctx.gather)
-    if objective.twin_terms is not None:  # JTCSE's twin towers (one process: the local rows are the batch)
-        terms |= objective.twin_terms(objective, model, left, right, gold)
+    from mixsp_core.training.unsupervised import unsupervised_terms, uses_pairs  # 2-Tier SimCSE
+
+    terms = unsupervised_terms(objective, model, net, data, step, ctx)
+    if uses_pairs(objective.weights):  # a stage on SimCSE sentences or NLI triplets alone encodes no pairs
+        idx = data.pairs.indices(step)
+        local = ctx.shard(idx)
+        gold = torch.as_tensor(data.gold[idx], device=ctx.device)
+        left, right = list(data.train["sentence1"].iloc[local]), list(data.train["sentence2"].iloc[local])
+        terms |= objective.pair_terms(model, left, right, gold, step, net, ctx.gather)
+        if objective.twin_terms is not None:  # JTCSE twin towers (one process: the local rows are the batch)
+            terms |= objective.twin_terms(objective, model, left, right, gold)
     if distill:
         rows = data.distill.indices(step)
         terms |= objective.distill_terms(
