@@ -175,6 +175,19 @@ def test_classification_accuracy_separable_and_noise():
         classification_accuracy(separable[:10], _task(labels))
 
 
+def test_isotropic_scale_is_rotation_invariant_and_gives_unit_mean_variance():
+    from mixsp_core.evaluate.transfer import isotropic_scale
+
+    rng = _rng()
+    train, test = rng.normal(size=(300, 6)) * [5, 1, 1, 1, 1, 0.1] + 3, rng.normal(size=(20, 6))
+    scaled_train, scaled_test = isotropic_scale(train, test)
+    assert np.mean(scaled_train.var(axis=0)) == pytest.approx(1.0)
+    assert np.allclose(scaled_train.mean(axis=0), 0)
+    rotation = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    rotated_train, rotated_test = isotropic_scale(train @ rotation, test @ rotation)
+    assert np.allclose(rotated_test, scaled_test @ rotation)
+
+
 def _write(path, lines):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
@@ -239,6 +252,8 @@ def test_run_analyses_end_to_end_writes_json_markdown_and_plots(tmp_path):
     assert list(rows) == ["none", "pca", "zca", "pca:8"] and rows["pca:8"]["dims"] == 8
     assert rows["none"]["accuracy"]["MR"] > 90  # the label signal is there
     assert rows["pca"]["dev"] == pytest.approx(rows["zca"]["dev"])  # cosines agree across whitenings
+    # and so does an L2 logistic regression behind an isotropic scale (both rotation invariant)
+    assert rows["pca"]["accuracy"]["MR"] == pytest.approx(rows["zca"]["accuracy"]["MR"], abs=1.5)
     assert "CR" in result["skipped"] and list(result["transfer"]["tasks"]) == ["MR"]
     assert run_analyses(HashEmbedder(), _dev_pairs(), corpus, spec, model="hash")["transfer"]["rows"] == \
         result["transfer"]["rows"]  # deterministic
