@@ -7,7 +7,7 @@
                    [--precision auto|fp32|bf16|fp16] [--quantize int8] [--token-budget N|auto] [--backend torch|openvino]
     mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
     mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
-    mixsp analyse  --model MODEL [--config params.yaml] [--set KEY=VALUE] [--out DIR]   # prefixes, geometry, transfer
+    mixsp analyse  --model MODEL [--config params.yaml] [--set KEY=VALUE] [--out DIR]   # geometry, transfer
     mixsp train    [--config params.yaml]                     # the pipeline's student (params.yaml student)
     mixsp train    --config configs/X.yaml [--output DIR]     # one run of a training config file
     mixsp finetune-teacher --config FILE --out DIR            # fine-tuned teacher: DIR/run, DIR/teacher

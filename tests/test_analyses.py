@@ -4,6 +4,7 @@ SentEval-style transfer on tiny tasks, and the evaluate stage writing the analys
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -331,3 +332,28 @@ def test_the_evaluate_stage_writes_the_analyses_into_its_report(tmp_path, tiny_b
         analyses["transfer"]["rows"][0]["accuracy"]["MR"])
     artifacts = {a.path for a in target.client().list_artifacts(run.info.run_id, "reports/analyses")}
     assert "reports/analyses/analyses_transfer.png" in artifacts
+
+
+def test_mixsp_analyse_writes_the_same_files_for_any_model(tmp_path, tiny_bert_dir, senteval_dir, capsys):
+    import yaml
+
+    from mixsp_core.cli import main
+    from mixsp_core.params import PARAMS_FILE
+    from tests.pipeline_helpers import CORPUS_FILE, write_tiny_senteval
+
+    tiny = write_tiny_senteval(senteval_dir, tmp_path / "tiny")
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["data"].update(root=str(tmp_path / "data"), spec=f"senteval:{tiny}", corpus_files=[str(tiny / CORPUS_FILE)])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "analyses"
+    argv = ["analyse", "--model", str(tiny_bert_dir), "--config", str(tmp_path / "params.yaml"), "--out", str(out),
+            "--set", "evaluate.transfer_tasks=[SUBJ]", "--set", "evaluate.transfer_max_sentences=30",
+            "--set", "evaluate.transfer_whitenings=[pca:8]", "--set", f"evaluate.transfer_dir={senteval_dir}"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "TwoNN" in printed and "| pca:8 | 8 |" in printed
+    result = json.loads((out / "analyses.json").read_text())
+    assert list(result["transfer"]["tasks"]) == ["SUBJ"] and result["model"] == str(tiny_bert_dir)
+    assert (out / "analyses_prefix.png").is_file() and (out / "analyses_transfer.png").is_file()
+    assert main([*argv[:-8], "--set", "evaluate.transfer_tasks=[IMDB]"]) == 2  # a bad value: one-line error
+    assert "evaluate.transfer_tasks" in capsys.readouterr().err

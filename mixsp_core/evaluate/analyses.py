@@ -8,6 +8,12 @@ sentences; prefixes and whitenings are transforms of those cached vectors. Outpu
 (:func:`run_analyses`), its markdown (:func:`analyses_markdown`) and two plots, written together by
 :func:`write_analyses` as ``analyses.json``, ``analyses.md``, ``analyses_prefix.png`` and
 ``analyses_transfer.png``.
+
+Measured (all-MiniLM-L6-v2, the defaults: 5,000 corpus sentences, 2,000 per task, the 2-core CPU busy at
+load 4): 161 s in all (encoding 3,834 dev + 5,000 corpus + 12,000 task sentences 130 s, geometry 11 s, the
+6 x 252 logistic-regression fits 8.5 s). Dev STS 83.26 raw, 78.98 for each whitening; transfer mean 79.82
+raw, 79.40-79.42 whitened: on this contrastively trained model whitening hurts STS and, slightly,
+classification. The first 128 dims keep 82.39 of 83.26; TwoNN 6.3, IsoScore 0.30, I(W) 0.72, mean cosine 0.03.
 """
 
 from __future__ import annotations
@@ -207,7 +213,8 @@ def plot_prefix(result: dict[str, Any], path: str | Path) -> Path:
     ax.minorticks_off()
     ax.set_xlabel("k")
     ax.set_ylabel("dev Spearman x100")
-    ax.set_title(f"Spearman vs prefix size: {Path(result['model']).name or result['model']}", fontsize=9)
+    ax.set_title(f"Spearman vs prefix size: {'/'.join(Path(result['model']).parts[-2:]) or result['model']}",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

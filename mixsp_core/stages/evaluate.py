@@ -181,7 +181,8 @@ def _write_reports(report: dict[str, Any], paths: PipelinePaths) -> None:
     if report.get("analyses"):
         from mixsp_core.evaluate.analyses import analyses_markdown
 
-        markdown += f"\n\n## Analyses of the best variant ({report['best']})\n\n" + analyses_markdown(report["analyses"])
+        markdown += (f"\n\n## Analyses of the best variant ({report['best']})\n\n"
+                     + analyses_markdown(report["analyses"]))
     write_text_atomic(paths.reports / "evaluation.md", markdown + "\n")
     _plot(report, paths.reports / "evaluation.png")
 
