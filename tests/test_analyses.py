@@ -357,3 +357,21 @@ def test_mixsp_analyse_writes_the_same_files_for_any_model(tmp_path, tiny_bert_d
     assert (out / "analyses_prefix.png").is_file() and (out / "analyses_transfer.png").is_file()
     assert main([*argv[:-8], "--set", "evaluate.transfer_tasks=[IMDB]"]) == 2  # a bad value: one-line error
     assert "evaluate.transfer_tasks" in capsys.readouterr().err
+
+
+def test_analyses_off_writes_stub_outputs_and_no_plots(tmp_path):
+    """``evaluate.analyses: false``: the DVC outputs analyses.json / .md still exist and say so."""
+    import yaml
+
+    from mixsp_core.params import PARAMS_FILE, load_params
+    from mixsp_core.stages.evaluate import _analyses
+
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["data"]["root"] = str(tmp_path / "data")
+    raw["evaluate"]["analyses"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    assert _analyses(params, "no-model-needed", "student", _dev_pairs()) is None
+    reports = params.paths.reports
+    assert json.loads((reports / "analyses.json").read_text()) == {"enabled": False}
+    assert "off" in (reports / "analyses.md").read_text() and not (reports / "analyses_prefix.png").exists()
