@@ -8,6 +8,7 @@
     mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
     mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
     mixsp ir       --model MODEL [--max-corpus N] [--data SENTEVAL_DIR] [--json OUT]   # recall@10 / MRR@10
+    mixsp analyse  --model MODEL [--config params.yaml] [--set KEY=VALUE] [--out DIR]   # geometry, transfer
     mixsp train    [--config params.yaml]                     # the pipeline's student (params.yaml student)
     mixsp train    --config configs/X.yaml [--output DIR]     # one run of a training config file
     mixsp finetune-teacher --config FILE --out DIR            # fine-tuned teacher: DIR/run, DIR/teacher
@@ -308,6 +309,19 @@ def _grid(args: argparse.Namespace, pairs) -> int:
     return 0
 
 
+def _cmd_analyse(args: argparse.Namespace) -> int:
+    """`mixsp analyse --model DIR`: prefix Spearman, geometry, whitening x transfer of one model."""
+    from mixsp_core.stages.evaluate import analyse_model
+
+    output_dir = _output_dir(args.out, "--out")
+    params = _params(args, overrides=args.set or None)
+    embedder = _load(args.model, args.device, None, _inference(args))
+    result = analyse_model(params, args.model, output_dir, embedder)
+    print(Path(result["files"]["markdown"]).read_text())
+    print("\n".join(f"{kind}: {path}" for kind, path in result["files"].items()))
+    return 0
+
+
 def _usage(message: str) -> Exception:
     """A bad command line (options that do not fit each other, the model or the machine): exit 2."""
     from mixsp_core.errors import ConfigError
@@ -543,6 +557,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--device", type=_device, default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.set_defaults(func=_cmd_ir)
+
+    p = sub.add_parser("analyse", help="analyses of one model: dev Spearman of prefixes, intrinsic dim and "
+                                       "isotropy, whitening x (dev STS, SentEval transfer)")
+    p.add_argument("--model", required=True, help="Hub id or a directory this project saved")
+    p.add_argument("--config", default="params.yaml", help="params.yaml: data and the evaluate.analyses_* / "
+                                                         "transfer_* settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params value, e.g. evaluate.transfer_max_sentences=500 (repeatable)")
+    p.add_argument("--out", default="data/reports/analyses", help="where analyses.json/.md/*.png go")
+    p.add_argument("--device", type=_device, default=None, help="cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--quantize", default=None, choices=("int8",))
+    p.add_argument("--backend", default="torch", choices=("torch", "openvino"))
+    p.add_argument("--token-budget", type=_token_budget, default="auto")
+    p.set_defaults(func=_cmd_analyse)
 
     p = sub.add_parser("train", help="train the pipeline's student (params.yaml), or a student (bi) or MixSP "
                                      "scorer (cross) from a config file")
