@@ -31,9 +31,11 @@ Q4_1 GGUF by scripts/gguf_to_safetensors.py; final layer, last token; ``mixsp tr
 | --- | --- | --- | --- |
 | configs/decoder_prompteol.yaml (PromptEOL) | 73.84 | 69.45 | 71.64 |
 | configs/decoder_token_prepending.yaml (+ TP, layers [1, 7)) | 68.27 | 69.35 | 68.81 |
+| the same with ``tp_start_layer: 0`` (the placeholder's own embedding never used) | 66.41 | 68.53 | 67.47 |
 
 On this 135M model TP in layers [1, 7) costs 5.6 points on STS-B dev and nothing on SICK trial; the paper's
-gains are for 7B-scale models (LLaMA-2-7B PromptEOL +TP, with an intermediate exit layer).
+gains are for 7B-scale models (LLaMA-2-7B PromptEOL +TP, with an intermediate exit layer). Replacing the
+placeholder from layer 0 on did no better, so the reused special token is not what costs the points.
 
 The layers are changed with forward hooks on the decoder layers of a transformers ``AutoModel``
 (``LlamaModel`` and the like; ``trust_remote_code`` is never passed), so the modelling code is transformers'.
