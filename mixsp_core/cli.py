@@ -7,6 +7,8 @@
                    [--precision auto|fp32|bf16|fp16] [--quantize int8] [--token-budget N|auto] [--backend torch|openvino]
     mixsp evaluate --model MODEL --data SPEC [--json OUT] [--grid [--layers 2,4 --dims 64,128 --vector-types float32,int8]]
     mixsp evaluate --config params.yaml                       # evaluate stage: every pipeline variant on dev
+    mixsp ir       --model MODEL [--max-corpus N] [--data SENTEVAL_DIR] [--json OUT]   # recall@10 / MRR@10
+    mixsp analyse  --model MODEL [--config params.yaml] [--set KEY=VALUE] [--out DIR]   # geometry, transfer
     mixsp train    [--config params.yaml]                     # the pipeline's student (params.yaml student)
     mixsp train    --config configs/X.yaml [--output DIR]     # one run of a training config file
     mixsp finetune-teacher --config FILE --out DIR            # fine-tuned teacher: DIR/run, DIR/teacher
@@ -307,6 +309,19 @@ def _grid(args: argparse.Namespace, pairs) -> int:
     return 0
 
 
+def _cmd_analyse(args: argparse.Namespace) -> int:
+    """`mixsp analyse --model DIR`: prefix Spearman, geometry, whitening x transfer of one model."""
+    from mixsp_core.stages.evaluate import analyse_model
+
+    output_dir = _output_dir(args.out, "--out")
+    params = _params(args, overrides=args.set or None)
+    embedder = _load(args.model, args.device, None, _inference(args))
+    result = analyse_model(params, args.model, output_dir, embedder)
+    print(Path(result["files"]["markdown"]).read_text())
+    print("\n".join(f"{kind}: {path}" for kind, path in result["files"].items()))
+    return 0
+
+
 def _usage(message: str) -> Exception:
     """A bad command line (options that do not fit each other, the model or the machine): exit 2."""
     from mixsp_core.errors import ConfigError
@@ -426,6 +441,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ir(args: argparse.Namespace) -> int:
+    from mixsp_core.evaluate.ir import build_ir_benchmark, evaluate_ir
+    from mixsp_core.io import json_text, write_json_atomic
+    from mixsp_core.paths import shared_dir
+
+    benchmark = build_ir_benchmark(Path(args.data) if args.data else shared_dir() / "data" / "senteval",
+                                   args.max_corpus)
+    result = {"model": args.model, **evaluate_ir(_load(args.model, args.device, None, {}), benchmark,
+                                                  args.batch_size)}
+    sys.stdout.write(json_text(result))
+    write_json_atomic(args.json, result)
+    return 0
+
+
 def _cmd_finetune_teacher(args: argparse.Namespace) -> int:
     from mixsp_core.params import load_params
     from mixsp_core.stages.train import run_finetune_teacher
@@ -441,6 +470,15 @@ def _cmd_soup(args: argparse.Namespace) -> int:
     result = run_soup([Path(r) for r in args.runs], Path(args.out), _params(args).paths, methods,
                       p=args.p, batch_size=args.batch_size)
     print(result.summary())
+    return 0
+
+
+def _cmd_defsent_glosses(args: argparse.Namespace) -> int:
+    from mixsp_core.data.wordnet import export_glosses
+
+    table = export_glosses(Path(args.wordnet_dir), Path(args.output))
+    print(f"{args.output}: {len(table)} glosses ({table['synset'].nunique()} synsets, "
+          f"{Path(args.output).stat().st_size} bytes)")
     return 0
 
 
@@ -509,6 +547,32 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output-dir", default="data/reports", help="grid: where grid.json/.md/.png go")
             p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("ir", help="retrieval recall@10 / MRR@10 (SNLI test premises, STS-B dev >= 4) over a "
+                                  ">= 100k-sentence corpus of the shared data")
+    p.add_argument("--model", required=True, help="Hub id or a directory this project saved")
+    p.add_argument("--max-corpus", type=_positive_int, default=0,
+                   help="cap the corpus at N sentences (every positive kept), for quick runs")
+    p.add_argument("--data", default=None, help="a SentEval directory (default: the shared data's senteval/)")
+    p.add_argument("--json", default="data/reports/ir.json", help="where the JSON result is written")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--device", type=_device, default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.set_defaults(func=_cmd_ir)
+
+    p = sub.add_parser("analyse", help="analyses of one model: dev Spearman of prefixes, intrinsic dim and "
+                                       "isotropy, whitening x (dev STS, SentEval transfer)")
+    p.add_argument("--model", required=True, help="Hub id or a directory this project saved")
+    p.add_argument("--config", default="params.yaml", help="params.yaml: data and the evaluate.analyses_* / "
+                                                         "transfer_* settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params value, e.g. evaluate.transfer_max_sentences=500 (repeatable)")
+    p.add_argument("--out", default="data/reports/analyses", help="where analyses.json/.md/*.png go")
+    p.add_argument("--device", type=_device, default=None, help="cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--quantize", default=None, choices=("int8",))
+    p.add_argument("--backend", default="torch", choices=("torch", "openvino"))
+    p.add_argument("--token-budget", type=_token_budget, default="auto")
+    p.set_defaults(func=_cmd_analyse)
+
     p = sub.add_parser("train", help="train the pipeline's student (params.yaml), or a student (bi) or MixSP "
                                      "scorer (cross) from a config file")
     p.add_argument("--config", default="params.yaml",
@@ -523,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="DIR: the run goes to DIR/run, the exported teacher to DIR/teacher")
     p.add_argument("--params", default="params.yaml", help="the pipeline params whose data root holds the pairs")
     p.set_defaults(func=_cmd_finetune_teacher)
+
+    p = sub.add_parser("defsent-glosses", help="DefSent+: export WordNet's glosses (lemma, pos, synset, gloss) "
+                                               "as a parquet file for data.definitions")
+    p.add_argument("--wordnet-dir", default="/usr/share/wordnet",
+                   help="the dict directory holding data.noun, data.verb, data.adj, data.adv")
+    p.add_argument("--output", required=True, help="the .parquet file to write")
+    p.set_defaults(func=_cmd_defsent_glosses)
 
     p = sub.add_parser("soup", help="merge the best checkpoints of several training runs; keep the best on dev")
     p.add_argument("runs", nargs="+", help="training run directories (best/, start/) from one config seed")

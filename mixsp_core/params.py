@@ -139,10 +139,27 @@ class EvaluateParams:
     grid_dims: list[int] = field(default_factory=lambda: [32, 64, 128])
     grid_vector_types: list[str] = field(default_factory=lambda: ["float32", "int8", "binary"])
     grid_fit_sentences: int = 2000
+    # analyses of the best variant (mixsp_core/evaluate/analyses.py): prefixes, geometry, whitening x transfer
+    analyses: bool = True
+    analyses_sentences: int = 5000  # corpus sample: geometry measured and whitenings fitted on it
+    transfer_tasks: list[str] = field(default_factory=lambda: ["MR", "CR", "SUBJ", "MPQA", "SST2", "TREC"])
+    transfer_max_sentences: int = 2000  # per task (per split), a fixed random sample
+    transfer_whitenings: list[str] = field(default_factory=lambda: ["pca", "zca", "pca-cor", "zca-cor", "cholesky"])
+    transfer_dir: str = "auto"  # a SentEval folder; auto: the shared one (data.senteval_dir)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.grid_fit_sentences < 2:
             raise ConfigError("evaluate.batch_size", "batch_size must be >= 1 and grid_fit_sentences >= 2")
+        from mixsp_core.compress.whitening import whitening_from_spec
+        from mixsp_core.evaluate.transfer import check_task_names
+
+        if self.analyses_sentences < 3:
+            raise ConfigError("evaluate.analyses_sentences", f"must be >= 3, got {self.analyses_sentences}")
+        if self.transfer_max_sentences < 10:
+            raise ConfigError("evaluate.transfer_max_sentences", f"must be >= 10, got {self.transfer_max_sentences}")
+        check_task_names(self.transfer_tasks)
+        for spec in self.transfer_whitenings:
+            whitening_from_spec(spec, "evaluate.transfer_whitenings")
 
 
 @dataclass(frozen=True)

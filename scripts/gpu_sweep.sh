@@ -32,8 +32,11 @@ for spec in "$@"; do
   sets=(--set "model.encoder=$ENCODER" --set "train.device=${DEVICE:-cuda}")
   IFS=, read -ra extra <<<"${overrides:-}"
   for o in "${extra[@]}"; do [ -n "$o" ] && sets+=(--set "$o"); done
+  teacher=${teacher:-${TEACHER:-.device/teacher_pca128.npy}}
+  teacher_args=()  # recipes without a teacher term run without one (train_sweep refuses a config that needs it)
+  [ -f "$teacher" ] && teacher_args=(--teacher-npy "$teacher")
   timeout "${LIMIT:-540}" python3 scripts/train_sweep.py "$config" --out "$RUNS/$name" \
-      --data-root "${root:-${DATA_ROOT:-.device/data}}" --teacher-npy "${teacher:-${TEACHER:-.device/teacher_pca128.npy}}" \
+      --data-root "${root:-${DATA_ROOT:-.device/data}}" "${teacher_args[@]}" \
       --no-tracking "${sets[@]}" > "$RUNS/$name.log" 2>&1 &
   pids+=($!)
 done

@@ -97,7 +97,8 @@ def tiny_sections(source: Path, teacher: Path, encoder: Path) -> dict:
         "compress": {"variants": ["pca:8", "int8"], "fit_sentences": 100},
         "merge": {"methods": ["uniform", "greedy", "fusion"], "p": 1.0},
         "evaluate": {"grid_layers": [], "grid_dims": [4, 8], "grid_vector_types": ["float32", "int8"],
-                     "grid_fit_sentences": 100, "min_dev_spearman": -100.0},
+                     "grid_fit_sentences": 100, "min_dev_spearman": -100.0,
+                     "analyses_sentences": 100, "transfer_max_sentences": 40},
     }
 
 

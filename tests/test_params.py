@@ -64,3 +64,17 @@ def test_a_params_file_without_a_student_is_refused(tmp_path):
     path = _write(tmp_path, lambda raw: raw.pop("student"))
     with pytest.raises(ConfigError, match="student"):
         load_params(path)
+
+
+def test_a_config_file_trains_as_the_pipelines_student():
+    """The student asset's ``config_file``: the recipe's model and losses, the pipeline's run directory and teacher."""
+    from mixsp_core.stages.train import student_config
+    from mixsp_core.training.config import load_config
+
+    params = load_params()
+    recipe = load_config(REPO / "configs" / "bi_single.yaml")
+    config = student_config(params, ["train.epochs=2"], config_file=REPO / "configs" / "bi_single.yaml")
+    assert config.model == recipe.model and config.loss == recipe.loss and config.train.epochs == 2.0
+    assert (config.output_dir, config.data.teacher) == (params.student.output_dir, params.student.data.teacher)
+    with pytest.raises(ConfigError):
+        student_config(params, ["train.epochs=soon"], config_file=REPO / "configs" / "bi_single.yaml")

@@ -87,6 +87,10 @@ def test_full_graph_outputs_checks_and_mlflow(full_run, tiny_bert_dir):
     for name in ("evaluation.md", "evaluation.png", "grid.json", "grid.png"):
         assert (data / "reports" / name).is_file()
     assert meta(result, "evaluation_report")["best"] == report["best"]
+    # the analyses of the best variant: in the report, as metadata (tables and plots) and as files
+    assert report["analyses"]["model"] == report["best"] and "TwoNN" in meta(result, "evaluation_report")["analyses"]
+    assert "data:image/png;base64," in meta(result, "evaluation_report")["analyses_transfer_plot"]
+    assert (data / "reports" / "analyses_prefix.png").is_file()
 
     # Registry: version 1, alias champion on it, the checkpoint copied where `mixsp encode` loads it.
     champion = meta(result, "champion")

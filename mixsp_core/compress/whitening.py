@@ -149,3 +149,13 @@ class WhiteningTransform(Transform):
                              f"{input_dim} -> {k} dims")
         self.weight, self.mean = weight, mean
         super().load_state(tensors, input_dim)
+
+
+def whitening_from_spec(spec: str, field: str = "whitening") -> WhiteningTransform:
+    """An unfitted whitening from ``METHOD`` or ``METHOD:K`` (``pca:128``); a bad one is a ConfigError
+    naming ``field``."""
+    method, _, dims = spec.strip().partition(":")
+    try:
+        return WhiteningTransform(method, int(dims) if dims else None)
+    except (ConfigError, ValueError) as err:
+        raise ConfigError(field, f"bad whitening {spec!r}: {err}") from err

@@ -184,6 +184,18 @@ def load_nli_triplets(snli_dir: str | Path, split: str) -> pd.DataFrame:
     entailments gets k triplets, cycling through its contradictions; premises lacking either
     are dropped. Premise order follows the files.
     """
+    rows = [
+        (premise, positive, contradicted[index % len(contradicted)])
+        for premise, (entailed, contradicted) in nli_groups(snli_dir, split).items()
+        if contradicted
+        for index, positive in enumerate(entailed)
+    ]
+    return pd.DataFrame(rows, columns=["anchor", "positive", "hard_negative"], dtype=object)
+
+
+def nli_groups(snli_dir: str | Path, split: str) -> dict[str, tuple[list[str], list[str]]]:
+    """SNLI ``split`` by premise (file order): premise -> (entailed hypotheses, contradicting hypotheses),
+    neutral ones dropped; either list may be empty."""
     root = Path(snli_dir)
     paths = [root / f"{name}.{split}" for name in ("s1", "s2", "labels")]
     premises, hypotheses, labels = (read_text_lines(path) for path in paths)
@@ -202,10 +214,4 @@ def load_nli_triplets(snli_dir: str | Path, split: str) -> pd.DataFrame:
             continue
         entailed, contradicted = groups.setdefault(premise.strip(), ([], []))
         (entailed if label == "entailment" else contradicted).append(hypothesis.strip())
-    rows = [
-        (premise, positive, contradicted[index % len(contradicted)])
-        for premise, (entailed, contradicted) in groups.items()
-        if contradicted
-        for index, positive in enumerate(entailed)
-    ]
-    return pd.DataFrame(rows, columns=["anchor", "positive", "hard_negative"], dtype=object)
+    return groups

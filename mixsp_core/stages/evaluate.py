@@ -1,7 +1,9 @@
 """Evaluate stage: every model the pipeline made (student, compressed variants, merged) on the dev sets,
 the best picked by the dev mean (ties: fewer bytes per vector), and the grid (layers x dims x vector type)
-of the best full-precision model. Writes ``reports/evaluation.{json,md,png}``, ``reports/metrics.json`` (for
-`dvc metrics`) and ``reports/grid.*``, and records one MLflow run with the metrics and the files."""
+of the best full-precision model, and (``evaluate.analyses``) the analyses of the best variant: prefix Spearman,
+geometry, whitening x transfer (:mod:`mixsp_core.evaluate.analyses`). Writes ``reports/evaluation.{json,md,png}``,
+``reports/metrics.json`` (for `dvc metrics`), ``reports/grid.*`` and ``reports/analyses*``, and records one
+MLflow run with the metrics and the files."""
 
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ def _evaluate(params: Params, target: RunTarget | None) -> dict[str, Any]:
                     GridSpec(layers=sp.grid_layers or None, dims=sp.grid_dims, vector_types=sp.grid_vector_types,
                              batch_size=sp.batch_size), model=grid_model)
     grid_files = grid.write(paths.reports, "grid")
+    analyses = _analyses(params, variants[best]["path"], best, pairs)
     merge_file = paths.merged / "merge.json"
     report = {
         "best": best,
@@ -96,6 +99,7 @@ def _evaluate(params: Params, target: RunTarget | None) -> dict[str, Any]:
         "files": {"json": str(paths.evaluation), "markdown": str(paths.reports / "evaluation.md"),
                   "plot": str(paths.reports / "evaluation.png"), "metrics": str(paths.reports / "metrics.json")},
         "merge": json.loads(merge_file.read_text()) if merge_file.is_file() else None,
+        "analyses": analyses,
         "seconds": time.perf_counter() - started,
     }
     if report["merge"]:
@@ -103,6 +107,62 @@ def _evaluate(params: Params, target: RunTarget | None) -> dict[str, Any]:
     _write_reports(report, paths)
     report["mlflow_run_id"] = _track(report, paths, params.promote.experiment, target or RunTarget())
     return report
+
+
+def analyses_spec(params: Params):
+    """The :class:`~mixsp_core.evaluate.analyses.AnalysesSpec` of params.yaml's ``evaluate`` section."""
+    from mixsp_core.evaluate.analyses import AnalysesSpec
+
+    sp = params.evaluate
+    senteval = params.data.senteval_dir if sp.transfer_dir == "auto" else Path(sp.transfer_dir)
+    return AnalysesSpec(sample_sentences=sp.analyses_sentences, transfer_tasks=list(sp.transfer_tasks),
+                        transfer_max_sentences=sp.transfer_max_sentences, whitenings=list(sp.transfer_whitenings),
+                        senteval_dir=senteval if senteval.is_dir() else None, batch_size=sp.batch_size,
+                        seed=params.data.seed)
+
+
+def _analyses(params: Params, model: str, name: str, pairs: pd.DataFrame) -> dict[str, Any] | None:
+    """The analyses of the model ``model`` written to ``reports/analyses*``; when they are off, a stub
+    ``analyses.json`` / ``.md`` (the DVC outputs) saying so, and None."""
+    from mixsp_core.evaluate.analyses import run_analyses, write_analyses
+    from mixsp_core.models.checkpoint import load_embedder
+
+    paths = params.paths
+    if not params.evaluate.analyses:
+        write_json_atomic(paths.reports / "analyses.json", {"enabled": False})
+        write_text_atomic(paths.reports / "analyses.md", "Analyses are off (evaluate.analyses: false).\n")
+        return None
+    sample = corpus_sample(paths, params.evaluate.analyses_sentences, params.data.seed)
+    result = run_analyses(load_embedder(model), pairs, sample, analyses_spec(params), model=name)
+    files = write_analyses(result, paths.reports)
+    log.info("analyses of %s: %.0f s", name, result["seconds"]["total"])
+    return {**result, "files": {k: str(v) for k, v in files.items()}}
+
+
+def analyse_model(params: Params, model: str, out_dir: Path, embedder: Any = None) -> dict[str, Any]:
+    """``mixsp analyse --model MODEL``: the analyses of any model (folder or Hub id) written to ``out_dir``
+    (``analyses.json``, ``.md``, two plots), as the evaluate stage writes them for its best variant. Dev pairs
+    and corpus: the data stage's outputs when it has run, else read from ``data.spec`` / ``data.corpus_files``
+    as it would build them. ``embedder``: the loaded model (the CLI's inference options), else loaded here."""
+    from mixsp_core.evaluate.analyses import run_analyses, write_analyses
+    from mixsp_core.models.checkpoint import load_embedder
+
+    paths, data = params.paths, params.data
+    if paths.pairs.is_file() and paths.corpus.is_file():
+        pairs, corpus = dev_pairs(paths), corpus_sample(paths, params.evaluate.analyses_sentences, data.seed)
+    else:
+        from mixsp_core.data.corpus import build_corpus
+        from mixsp_core.data.sources import load_pairs
+
+        table = load_pairs(data.resolved_spec())
+        pairs = table[table["split"] == "dev"].reset_index(drop=True)
+        if pairs.empty:
+            raise CheckpointError(f"{data.resolved_spec()}: no dev pairs to analyse on")
+        corpus = build_corpus(table, data.resolved_corpus_files(), data.max_corpus_sentences, data.seed)
+    with claim_output(out_dir, "mixsp analyse"):
+        result = run_analyses(embedder or load_embedder(model), pairs, corpus, analyses_spec(params), model=model)
+        files = write_analyses(result, out_dir)
+    return {**result, "files": {k: str(v) for k, v in files.items()}}
 
 
 def read_evaluation(paths: PipelinePaths) -> dict[str, Any]:
@@ -117,7 +177,13 @@ def _write_reports(report: dict[str, Any], paths: PipelinePaths) -> None:
     metrics = {"best_dev": report["best_dev"], "dev": report["dev"],
                "bytes_per_vector": {n: v["bytes_per_vector"] for n, v in report["variants"].items()}}
     write_json_atomic(paths.reports / "metrics.json", metrics)
-    write_text_atomic(paths.reports / "evaluation.md", _markdown(report) + "\n")
+    markdown = _markdown(report)
+    if report.get("analyses"):
+        from mixsp_core.evaluate.analyses import analyses_markdown
+
+        markdown += (f"\n\n## Analyses of the best variant ({report['best']})\n\n"
+                     + analyses_markdown(report["analyses"]))
+    write_text_atomic(paths.reports / "evaluation.md", markdown + "\n")
     _plot(report, paths.reports / "evaluation.png")
 
 
@@ -134,6 +200,12 @@ def _track(report: dict[str, Any], paths: PipelinePaths, experiment: str, target
         tracker.set_tags({"mixsp.best": report["best"], "mixsp.grid_model": report["grid_model"]})
         for name in REPORT_FILES:
             tracker.log_artifact(paths.reports / name, "reports")
+        if report.get("analyses"):
+            from mixsp_core.evaluate.analyses import ANALYSES_FILES, analyses_metrics
+
+            tracker.log_metrics(analyses_metrics(report["analyses"]), 0)
+            for name in ANALYSES_FILES:
+                tracker.log_artifact(paths.reports / name, "reports/analyses")
     except BaseException:
         tracker.finish("FAILED")
         raise

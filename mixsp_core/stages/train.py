@@ -24,6 +24,7 @@ from mixsp_core.tracking.tracker import TRAINING_RUN_FILE, RunTarget, Tracker, t
 from mixsp_core.training.config import RunConfig, apply_overrides, config_from_dict, load_config
 from mixsp_core.training.distributed import is_main_process
 from mixsp_core.training.loop import TrainResult, run_training
+from mixsp_core.training.multistage import run_configs
 from mixsp_core.training.resume import can_resume
 
 
@@ -42,19 +43,24 @@ def training_inputs(config: RunConfig, paths: PipelinePaths) -> tuple[pd.DataFra
     else:
         pairs, report = check_pairs(config.data.spec)
         report.raise_for_failures()
-    if not config.needs_teacher:
+    runs = run_configs(config)  # a multi-stage run's inputs serve every stage
+    if not any(run.needs_corpus for run in runs):
         return pairs, None, None
     corpus = read_corpus_file(paths) if config.data.corpus == "auto" else read_corpus(Path(config.data.corpus))
+    if not any(run.needs_teacher for run in runs):  # SimCSE reads the corpus sentences alone
+        return pairs, corpus, None
     teacher, _ = encode_with_teacher(corpus, paths, config.data.teacher)
     return pairs, corpus, teacher
 
 
-def student_config(params: Params, overrides: list[str] | None = None) -> RunConfig:
-    """A copy of params.yaml's ``student`` (the stage sets its resume flag), with ``KEY=VALUE`` overrides (the
-    Dagster launchpad's) re-validated."""
-    if not overrides:
-        return copy.deepcopy(params.student)
-    config = config_from_dict(apply_overrides(params.student.to_dict(), overrides))
+def student_config(params: Params, overrides: list[str] | None = None, config_file: str | Path | None = None) -> RunConfig:
+    """A copy of params.yaml's ``student`` (the stage sets its resume flag), or of the training config
+    ``config_file`` (a configs/*.yaml recipe trained as the pipeline's student), with ``KEY=VALUE`` overrides
+    (the Dagster launchpad's) re-validated. The run directory and the teacher stay the pipeline's."""
+    base = load_config(Path(config_file)) if config_file else params.student
+    if not overrides and not config_file:
+        return copy.deepcopy(base)
+    config = config_from_dict(apply_overrides(base.to_dict(), overrides or []))
     config.output_dir, config.data.teacher = params.student.output_dir, params.student.data.teacher
     return config
 
@@ -72,17 +78,20 @@ def _claim_run(root: Path, what: str) -> Iterator[None]:
 
 
 def run_train(params: Params, overrides: list[str] | None = None, target: RunTarget | None = None,
-              show_progress: bool = True) -> TrainResult:
-    """The pipeline's student: one run into ``models/student/``. An interrupted run of the same config
-    resumes (and continues its MLflow run); anything else starts fresh, without the old run's snapshots.
+              show_progress: bool = True, config_file: str | Path | None = None) -> TrainResult:
+    """The pipeline's student: one run into ``models/student/`` of params.yaml's ``student`` (or of
+    ``config_file``, see :func:`student_config`). An interrupted run of the same config resumes (and
+    continues its MLflow run); anything else starts fresh, without the old run's snapshots.
     Refused at once (:class:`~mixsp_core.errors.OutputBusyError`) while another process writes the run."""
-    config = student_config(params, overrides)
+    config = student_config(params, overrides, config_file)
     run = params.paths.student
     with _claim_run(run.root, "train stage"):
-        return _train_student(params, config, target, show_progress)
+        return _train_student(params, config, target, show_progress,
+                              str(config_file) if config_file else "params.yaml:student")
 
 
-def _train_student(params: Params, config: RunConfig, target: RunTarget | None, show_progress: bool) -> TrainResult:
+def _train_student(params: Params, config: RunConfig, target: RunTarget | None, show_progress: bool,
+                   config_source: str = "params.yaml:student") -> TrainResult:
     """The body of :func:`run_train`, under the run's lock."""
     run = params.paths.student
     config.train.resume = can_resume(config, run)
@@ -95,7 +104,7 @@ def _train_student(params: Params, config: RunConfig, target: RunTarget | None, 
     # its MLflow model; uploading best/ here as well would store the weights twice. (tracking.* is not part of
     # the resume check, and nothing trains differently.)
     config.tracking.log_checkpoint = False
-    tracker = _tracker(config, run.root, target, {"mixsp.stage": "train", "mixsp.config": "params.yaml:student",
+    tracker = _tracker(config, run.root, target, {"mixsp.stage": "train", "mixsp.config": config_source,
                                                   "mixsp.data_spec": params.data.resolved_spec()})
     pairs, corpus, teacher = training_inputs(config, params.paths)
     result = run_training(config, pairs, corpus, teacher, run.root, tracker, show_progress=show_progress)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,11 @@ from mixsp_core.paths import shared_dir
 from mixsp_core.training.config import RunConfig
 from mixsp_core.training.neighbours import nearest_neighbours
 from mixsp_core.training.silver import silver_pairs
+
+if TYPE_CHECKING:  # annotations only
+    from mixsp_core.training.mining import HardNegativeMiner
+    from mixsp_core.training.tasks import RetrievalBatches, TaskSampler
+    from mixsp_core.training.unsupervised import SentenceBatches
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +110,16 @@ class BatchStream:
 
 
 def load_triplets(config: RunConfig) -> pd.DataFrame:
-    """SNLI dev + test triplets from ``data.nli_dir`` (auto: the shared SentEval SNLI folder)."""
+    """SNLI triplets of ``data.nli_splits`` from ``data.nli_dir`` (auto: the shared SentEval SNLI folder)."""
     from mixsp_core.data.corpus import load_nli_triplets
 
-    if config.data.nli_dir == "auto":
-        folder = shared_dir() / "data" / "senteval" / "SNLI"
-    else:
-        folder = Path(config.data.nli_dir)
-    return pd.concat([load_nli_triplets(folder, split) for split in ("dev", "test")], ignore_index=True)
+    folder = snli_folder(config)
+    return pd.concat([load_nli_triplets(folder, split) for split in config.data.nli_splits], ignore_index=True)
+
+
+def snli_folder(config: RunConfig) -> Path:
+    """``data.nli_dir``, or (auto) the shared SentEval SNLI folder."""
+    return shared_dir() / "data" / "senteval" / "SNLI" if config.data.nli_dir == "auto" else Path(config.data.nli_dir)
 
 
 def teacher_rows(corpus: Sequence[str] | None, teacher: np.ndarray | None,
@@ -188,6 +196,11 @@ class TrainData:
     distill: BatchStream | NeighbourBatches
     triplets: pd.DataFrame | None
     nli: BatchStream | None
+    # Conan mining (training/mining.py) and CoDiEmb's single-task steps (training/tasks.py); None: off
+    mined: HardNegativeMiner | None = None
+    tasks: TaskSampler | None = None
+    retrieval: RetrievalBatches | None = None
+    simcse: SentenceBatches | None = None  # 2-Tier SimCSE: corpus sentences (loss.simcse > 0)
 
     @classmethod
     def build(cls, config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,
@@ -209,7 +222,13 @@ class TrainData:
         if lc.infonce > 0 and triplets is None:
             triplets = load_triplets(config)
         nli = BatchStream(len(triplets), tc.nli_batch_size, config.seed, NLI_STREAM) if lc.infonce > 0 else None
-        return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli)
+        from mixsp_core.training.mining import negative_miner
+        from mixsp_core.training.tasks import task_streams
+        from mixsp_core.training.unsupervised import simcse_batches  # 2-Tier SimCSE (imports this module)
+
+        mined = negative_miner(config, triplets, corpus, snli_folder(config).parent)
+        return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli, mined,
+                   simcse=simcse_batches(config, corpus), **task_streams(config))
 
 
 def with_silver_pairs(config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,9 @@ ROUTING_MODES = ("hard", "soft")
 ACTIVATIONS = ("tanh", "none")
 OUTPUT_INITS = ("random", "pca", "teacher")
 POOLINGS = ("mean", "cls")
+DROPOUT_SCHEDULES = ("none", "standard", "curriculum", "adaptive")  # 2-Tier SimCSE
+STAGE_INITS = ("best", "last")  # multi-stage runs: which checkpoint of the previous stage a stage starts from
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder name under output_dir/stages/
 
 
 @dataclass
@@ -64,6 +68,14 @@ class ModelConfig:
     tp_start_layer: int = 1  # TP at the input of decoder layers [tp_start_layer, tp_end_layer) (0 = the first)
     tp_end_layer: int = 7
     exit_layer: int = 0  # the embedding is read after this decoder layer; 0: the final (normed) output
+    # JTCSE twin towers (mixsp_core.models.twin, training.jtcse): train a second tower (a copy of the encoder, its
+    # own heads) with cross-attention between the towers' token states, the STS loss on the ensemble and the
+    # saved (single) tower distilled from it; the checkpoint stays one plain student
+    twin_cross_attention: bool = False
+    twin_heads: int = 4  # attention heads of each cross-attention block (must divide the encoder width)
+    twin_layers: int = 1  # cross-attention blocks, each tower attending to the other in every block
+    twin_dropout: float = 0.1
+    twin_encoder_noise: float = 0.0  # tower B's encoder weights times (1 + noise * N(0, 1)), seeded
 
     def validate(self, prefix: str = "model") -> None:
         _choice(f"{prefix}.kind", self.kind, MODEL_KINDS)
@@ -81,6 +93,11 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.num_projectors", "the cross model needs at least one projector")
         if self.output_init != "random" and self.output_dim == 0:
             raise ConfigError(f"{prefix}.output_init", "needs an output projection (output_dim > 0)")
+        _at_least(f"{prefix}.twin_heads", self.twin_heads, 1)
+        _at_least(f"{prefix}.twin_layers", self.twin_layers, 1)
+        _at_least(f"{prefix}.twin_encoder_noise", self.twin_encoder_noise, 0.0)
+        if not 0.0 <= self.twin_dropout < 1.0:
+            raise ConfigError(f"{prefix}.twin_dropout", f"must lie in [0, 1), got {self.twin_dropout}")
         self._validate_decoder(prefix)
 
     def _validate_decoder(self, prefix: str) -> None:
@@ -124,6 +141,13 @@ class DataConfig:
     silver_pairs: int = 0
     silver_neighbour_ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     silver_random_fraction: float = 0.2
+    # Conan / CoDiEmb (training/mining.py, training/tasks.py): the SNLI splits the NLI triplets come from; keep
+    # "test" out when train.retrieval_eval scores SNLI test premises (mixsp_core.evaluate.ir)
+    nli_splits: list[str] = field(default_factory=lambda: ["dev", "test"])
+    # DefSent+ (mixsp_core.training.definitions): the WordNet gloss table (.parquet of `mixsp defsent-glosses`,
+    # or a WordNet dict directory) read when loss.definition > 0; definitions_max > 0 keeps a seeded sample
+    definitions: str = ""
+    definitions_max: int = 0
 
     def validate(self, prefix: str = "data") -> None:
         if not self.train_tasks:
@@ -142,6 +166,10 @@ class DataConfig:
         if not 0.0 <= self.silver_random_fraction <= 1.0:
             raise ConfigError(f"{prefix}.silver_random_fraction",
                               f"must lie in [0, 1], got {self.silver_random_fraction}")
+        if not self.nli_splits or not set(self.nli_splits) <= {"dev", "test"} or len(set(self.nli_splits)) != len(
+                self.nli_splits):
+            raise ConfigError(f"{prefix}.nli_splits", f"must list distinct SNLI splits of dev, test; got {self.nli_splits}")
+        _at_least(f"{prefix}.definitions_max", self.definitions_max, 0)  # DefSent+
 
 
 @dataclass
@@ -168,6 +196,29 @@ class LossConfig:
     layer_mode: str = "sample"  # sample: one earlier layer per step (2DMSE); all: mean over all (ESE)
     ese_alignment: float = 0.0  # ESE: weight of D(e[:ese_dim], PCA_ese_dim(e)) (and inside the layer term)
     ese_dim: int = 64
+    # CoDiEmb's IR side (losses/multi_positive_infonce.py): weight of the retrieval term on retrieval steps
+    retrieval: float = 0.0
+    retrieval_temperature: float = 0.05
+    # DefSent+: each gloss predicts its entry among the entry embeddings (softmax over cosine / temperature);
+    # candidates 0: every entry, k > 0: the batch's entries plus sampled ones up to k; center: subtract the
+    # entry table's mean first (its common direction)
+    definition: float = 0.0
+    definition_temperature: float = 0.05
+    definition_candidates: int = 0
+    definition_center: bool = False
+    # JTCSE (mixsp_core.losses.modulus): the modulus constraint on positive pairs' pre-normalisation embeddings,
+    # STS pairs with gold >= data.upper_threshold (modulus) and NLI anchor/entailment pairs (modulus_nli)
+    modulus: float = 0.0
+    modulus_nli: float = 0.0
+    modulus_form: str = "joint"  # joint: -log(cos) * ||a-b||/(||a||+||b||) (JTCSE) | distance (TNCSE) | ratio
+    # JTCSE twin towers (model.twin_cross_attention): the STS terms (and modulus) on the cross-attended ensemble's
+    # embedding, and the MSE of the single tower's in-batch cosines to the ensemble's (the distillation)
+    twin_ensemble: float = 0.0
+    twin_distill: float = 0.0
+    # 2-Tier SimCSE: unsupervised SimCSE on corpus sentences (mixsp_core.losses.simcse, training.unsupervised)
+    simcse: float = 0.0
+    simcse_temperature: float = 0.05
+    simcse_symmetric: bool = False  # also the transposed direction (the paper's loss is one-directional)
 
     @property
     def uses_teacher(self) -> bool:
@@ -184,13 +235,19 @@ class LossConfig:
             raise ConfigError(f"{prefix}.matryoshka_dims", "must list prefix sizes when loss.matryoshka > 0")
         _choice(f"{prefix}.layer_mode", self.layer_mode, ("sample", "all"))
         _at_least(f"{prefix}.ese_dim", self.ese_dim, 1)
-        for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature"):
+        _choice(f"{prefix}.modulus_form", self.modulus_form, ("joint", "distance", "ratio"))
+        for name in ("cosent_scale", "rank_kl_temperature", "infonce_temperature", "retrieval_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.definition_temperature <= 0:  # DefSent+
+            raise ConfigError(f"{prefix}.definition_temperature", f"must be > 0, got {self.definition_temperature}")
+        _at_least(f"{prefix}.definition_candidates", self.definition_candidates, 0)
         if self.routing_class_counts and (
             len(self.routing_class_counts) != 2 or min(self.routing_class_counts) < 1
         ):
             raise ConfigError(f"{prefix}.routing_class_counts", "must be [lower, upper], both >= 1, or empty")
+        if not self.simcse_temperature > 0:  # 2-Tier SimCSE
+            raise ConfigError(f"{prefix}.simcse_temperature", f"must be > 0, got {self.simcse_temperature}")
 
 
 @dataclass
@@ -224,6 +281,35 @@ class TrainConfig:
     output_init_sentences: int = 2000  # sentences used to fit a pca/teacher output init
     snapshot_every: int = 0  # steps; > 0 writes snapshots/step-N/ (weights only) and start/ (step 0), for merging
     num_threads: int = 0  # torch.set_num_threads for the run; 0: torch's default
+    # Conan-embedding dynamic hard negatives (training/mining.py): every mine_every steps (0: off) re-mine
+    # mine_negatives per NLI anchor from mine_pool_size pool sentences, skipping near-duplicates of the positive
+    mine_every: int = 0
+    mine_pool_size: int = 20000
+    mine_negatives: int = 3
+    mine_duplicate_threshold: float = 0.9
+    mine_batch_size: int = 256  # sentences per encoding batch while mining
+    # CoDiEmb's IR side (training/tasks.py, evaluate/ir.py): the fraction of steps that are retrieval batches
+    # (they count toward epochs' step total: set max_steps = STS steps / (1 - share) to keep the STS epochs)
+    retrieval_share: float = 0.0
+    retrieval_batch_size: int = 32  # queries per retrieval step
+    retrieval_max_positives: int = 4  # per query (SNLI premises have 1-several entailed hypotheses)
+    retrieval_max_negatives: int = 4  # hard negatives (contradictions) per query
+    retrieval_eval: bool = False  # recall@10 / MRR@10 of the best checkpoint in metrics.json
+    retrieval_eval_max_corpus: int = 0  # 0: the whole IR corpus (>= 100k sentences)
+    # DefSent+: glosses per step; the entry table (each entry the mean embedding of its glosses, or of its own
+    # text with definition_entries: lemma) rebuilt every N steps, blended m * old + (1 - m) * new
+    definition_batch_size: int = 32
+    definition_refresh_every: int = 100
+    definition_entry_momentum: float = 0.0
+    definition_entries: str = "glosses"
+    # 2-Tier SimCSE and multi-stage runs (mixsp_core.training.dropout, training.unsupervised, training.multistage)
+    simcse_batch_size: int = 64  # corpus sentences per step (when loss.simcse > 0), each encoded twice
+    dropout_schedule: str = "none"  # none (the encoder's own rates) | standard | curriculum | adaptive
+    dropout_p: float = 0.1  # standard: every dropout of the encoder at this rate
+    dropout_p_start: float = 0.05  # curriculum / adaptive: the rate of the first step, moving towards ...
+    dropout_p_end: float = 0.15  # ... this one (curriculum: reached at the last step; adaptive: as the loss -> 0)
+    dropout_loss_momentum: float = 0.9  # adaptive: momentum of the moving average of the training loss
+    init_checkpoint: str = ""  # start from this checkpoint's weights (a stage: the previous stage's); "": fresh
 
     def validate(self, prefix: str = "train") -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -251,6 +337,39 @@ class TrainConfig:
         _choice(f"{prefix}.amp_dtype", self.amp_dtype, ("bf16", "fp16"))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"{prefix}.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        # 2-Tier SimCSE: dropout schedules (mixsp_core.training.dropout)
+        _at_least(f"{prefix}.simcse_batch_size", self.simcse_batch_size, 2)
+        _choice(f"{prefix}.dropout_schedule", self.dropout_schedule, DROPOUT_SCHEDULES)
+        for name in ("dropout_p", "dropout_p_start", "dropout_p_end", "dropout_loss_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{prefix}.{name}", f"must lie in [0, 1), got {getattr(self, name)}")
+        _at_least(f"{prefix}.definition_batch_size", self.definition_batch_size, 2)  # DefSent+
+        _at_least(f"{prefix}.definition_refresh_every", self.definition_refresh_every, 1)
+        if not 0.0 <= self.definition_entry_momentum < 1.0:
+            raise ConfigError(f"{prefix}.definition_entry_momentum",
+                              f"must lie in [0, 1), got {self.definition_entry_momentum}")
+        _choice(f"{prefix}.definition_entries", self.definition_entries, ("glosses", "lemma"))
+        self._validate_mining_retrieval(prefix)
+
+    def _validate_mining_retrieval(self, prefix: str) -> None:
+        """Conan mining and CoDiEmb retrieval settings."""
+        for name in ("mine_every", "retrieval_eval_max_corpus"):
+            _at_least(f"{prefix}.{name}", getattr(self, name), 0)
+        for name in ("mine_pool_size", "mine_negatives", "mine_batch_size", "retrieval_batch_size",
+                     "retrieval_max_positives", "retrieval_max_negatives"):
+            _at_least(f"{prefix}.{name}", getattr(self, name), 1)
+        if self.retrieval_batch_size < 2:
+            raise ConfigError(f"{prefix}.retrieval_batch_size", "needs at least 2 queries: in-batch negatives")
+        if self.mine_every and self.mine_pool_size <= self.mine_negatives:
+            raise ConfigError(f"{prefix}.mine_pool_size", f"must exceed mine_negatives ({self.mine_negatives}), "
+                              f"got {self.mine_pool_size}")
+        if not 0.0 < self.mine_duplicate_threshold <= 1.0:
+            raise ConfigError(f"{prefix}.mine_duplicate_threshold",
+                              f"must lie in (0, 1], got {self.mine_duplicate_threshold}")
+        if not 0.0 <= self.retrieval_share < 1.0:
+            raise ConfigError(f"{prefix}.retrieval_share", f"must lie in [0, 1), got {self.retrieval_share}")
+        if self.retrieval_eval_max_corpus and not self.retrieval_eval:
+            raise ConfigError(f"{prefix}.retrieval_eval_max_corpus", "needs train.retrieval_eval: true")
 
 
 @dataclass
@@ -268,6 +387,23 @@ class TrackingConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage run (:mod:`mixsp_core.training.multistage`): the run's own settings with
+    ``overrides`` (dotted keys, ``train.lr: 1.0e-5``, or nested sections, ``train: {lr: 1.0e-5}``), trained in
+    ``output_dir/stages/<name>/`` from the previous stage's ``init`` checkpoint (best: its dev-selected model)."""
+
+    name: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str = "best"  # best | last checkpoint of the previous stage (unused by the first stage)
+
+    def validate(self, prefix: str) -> None:
+        if not STAGE_NAME.match(self.name):
+            raise ConfigError(f"{prefix}.name", f"must be 1-64 letters, digits, '_' or '-' (a folder name), "
+                              f"got {self.name!r}")
+        _choice(f"{prefix}.init", self.init, STAGE_INITS)
+
+
+@dataclass
 class RunConfig:
     """One training run: everything ``run_training`` needs besides the data."""
 
@@ -279,6 +415,8 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # multi-stage runs (mixsp_core.training.multistage): empty: one run; else one run per stage, in order
+    stages: list[StageConfig] = field(default_factory=list)
 
     def validate(self) -> RunConfig:
         """Check every field and the combinations between sections; return self."""
@@ -293,6 +431,10 @@ class RunConfig:
         self.train.validate()
         self.tracking.validate()
         self._validate_combinations()
+        if self.stages:  # multi-stage runs: each stage's config must be a valid run too
+            from mixsp_core.training.multistage import check_stages
+
+            check_stages(self)
         return self
 
     def _validate_combinations(self) -> None:
@@ -309,6 +451,8 @@ class RunConfig:
                                       "it does not embed sentences); use score_bce and routing")
         elif loss.score_bce > 0:
             raise ConfigError("loss.score_bce", "only the cross model has a score head")
+        if loss.simcse > 0 and kind != "bi":  # 2-Tier SimCSE
+            raise ConfigError("loss.simcse", "SimCSE embeds sentences: the bi student only")
         if loss.routing > 0 and self.model.num_projectors != 2:
             raise ConfigError("loss.routing", "the routing loss needs model.num_projectors: 2 (upper / lower)")
         for name in ("distill", "distill_sim"):
@@ -332,12 +476,37 @@ class RunConfig:
                               f"loss.matryoshka > 0, got {loss.matryoshka_dims}")
         if loss.ese_alignment > 0 and width and loss.ese_dim >= width:
             raise ConfigError("loss.ese_dim", f"must be smaller than model.output_dim ({width}), got {loss.ese_dim}")
+        _validate_jtcse(self)
+        if loss.definition > 0 and kind != "bi":  # DefSent+
+            raise ConfigError("loss.definition", "embeds definition sentences: the bi student only")
+        if loss.definition > 0 and not self.data.definitions.strip():
+            raise ConfigError("data.definitions", "loss.definition > 0 needs the gloss table "
+                              "(a .parquet of `mixsp defsent-glosses` or a WordNet dict directory)")
+        self._validate_mining_retrieval()
+
+    def _validate_mining_retrieval(self) -> None:
+        """Conan mining needs the InfoNCE term; CoDiEmb's retrieval term and its share of steps go together."""
+        tc, loss = self.train, self.loss
+        if tc.mine_every and loss.infonce == 0:
+            raise ConfigError("train.mine_every", "mines hard negatives for InfoNCE: set loss.infonce > 0")
+        if (loss.retrieval > 0) != (tc.retrieval_share > 0):
+            raise ConfigError("train.retrieval_share" if loss.retrieval > 0 else "loss.retrieval",
+                              "loss.retrieval > 0 and train.retrieval_share > 0 go together (retrieval steps "
+                              "train the retrieval term only)")
+        if (tc.mine_every or loss.retrieval > 0 or tc.retrieval_eval) and self.model.kind != "bi":
+            name = "train.mine_every" if tc.mine_every else "loss.retrieval" if loss.retrieval else "train.retrieval_eval"
+            raise ConfigError(name, "applies to the bi student only")
 
     @property
     def needs_teacher(self) -> bool:
         """Whether the run reads the corpus and its teacher rows: distillation, a teacher output init, or
         silver pairs (scored by the teacher)."""
         return self.loss.uses_teacher or self.model.output_init == "teacher" or self.data.silver_pairs > 0
+
+    @property
+    def needs_corpus(self) -> bool:
+        """Whether the run reads the corpus: for its teacher rows, or as SimCSE's unlabeled sentences."""
+        return self.needs_teacher or self.loss.simcse > 0
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("data") / "models" / self.name
@@ -349,7 +518,32 @@ class RunConfig:
 STS_TERMS = ("cosent", "pearson", "rank_kl", "listwise")  # losses on (cosine, gold) of a batch of pairs
 _COMPRESSION_TERMS = ("matryoshka", "layers", "ese_alignment")
 # every weighted term of LossConfig, in the order the trainer sums them
-LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS)
+LOSS_TERMS = (*STS_TERMS, "score_bce", "routing", "distill", "distill_sim", "infonce", *_COMPRESSION_TERMS,
+              "retrieval", "definition", "modulus", "modulus_nli", "twin_ensemble", "twin_distill",
+              "simcse")
+
+
+def _validate_jtcse(config: RunConfig) -> None:
+    """JTCSE's combinations: the modulus terms and the twin towers are for the bi student; the twin's terms
+    need the twin and the twin needs its ensemble term (and an STS term to apply there)."""
+    loss, model = config.loss, config.model
+    for name in ("modulus", "modulus_nli", "twin_ensemble", "twin_distill"):
+        if getattr(loss, name) > 0 and model.kind != "bi":
+            raise ConfigError(f"loss.{name}", "applies to the bi student only")
+    if model.twin_cross_attention and model.kind != "bi":
+        raise ConfigError("model.twin_cross_attention", "applies to the bi student only")
+    if loss.modulus_nli > 0 and not (config.data.nli and loss.infonce > 0):
+        raise ConfigError("loss.modulus_nli", "needs the NLI batches: set data.nli: true and loss.infonce > 0")
+    for name in ("twin_ensemble", "twin_distill"):
+        if getattr(loss, name) > 0 and not model.twin_cross_attention:
+            raise ConfigError(f"loss.{name}", "needs the twin towers: set model.twin_cross_attention: true")
+    if model.twin_cross_attention:
+        if loss.twin_ensemble <= 0:
+            raise ConfigError("loss.twin_ensemble", "must be > 0 with model.twin_cross_attention (the ensemble's "
+                              "loss is what trains the second tower and the cross-attention)")
+        if not any(getattr(loss, name) > 0 for name in STS_TERMS):
+            raise ConfigError("loss.twin_ensemble", "needs an STS term to apply to the ensemble "
+                              "(cosent, pearson, rank_kl or listwise > 0)")
 
 
 # --------------------------------------------------------------------------- building from dicts
@@ -410,6 +604,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(name, f"must be a list, got {type(value).__name__} ({value!r})")
         (item,) = typing.get_args(hint)
         return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):  # a list of sections (run.stages)
+        return build_dataclass(hint, value, name)
+    if origin is dict:  # a free mapping (a stage's overrides), checked where it is applied
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"must be a mapping, got {type(value).__name__} ({value!r})")
+        return dict(value)
     if hint is float:
         # YAML 1.1 reads "5e-5" (no dot) as a string: accept numeric strings for float fields
         if isinstance(value, str):

@@ -43,16 +43,21 @@ from tqdm.auto import tqdm
 from mixsp_core.errors import ConfigError, OutputBusyError
 from mixsp_core.evaluate.contamination import pair_keys, write_seen_pairs
 from mixsp_core.io import claim_output, replacing_file, write_json_atomic
-from mixsp_core.models.checkpoint import build_model, load_checkpoint, restore_optimizer, save_checkpoint
+from mixsp_core.models.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from mixsp_core.paths import RunDir
 from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
 from mixsp_core.tracking.tracker import NullTracker, Tracker
 from mixsp_core.training.batches import TrainData, select_pairs
 from mixsp_core.training.config import RunConfig, dump_config, flatten
+from mixsp_core.training.definitions import DefinitionTerm
 from mixsp_core.training.distributed import DistContext, setup, weights_digest
+from mixsp_core.training.jtcse import TwinTerms, add_twin_params, build_twin, restore_twin, save_twin, trained_modules
+from mixsp_core.training.dropout import DropoutSchedule
 from mixsp_core.training.objective import Objective, linear_schedule, make_optimizer, optimizer_step, step_terms
 from mixsp_core.training.report import LossWindow, Progress, TrainResult, evaluate_dev, evaluate_encoder, finish_report
 from mixsp_core.training.resume import resume_state
+from mixsp_core.training.unsupervised import epoch_batches
+from mixsp_core.training.warm_start import initial_model
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,10 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
         if not ctx.is_main:  # rank 0 alone records the run and shows progress
             tracker, show_progress = NullTracker(), False
         with _claim_output(run, ctx):
-            return _run(config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets,
+            body = _run
+            if config.stages:  # a multi-stage run: each stage is a run of this function (training.multistage)
+                from mixsp_core.training.multistage import run_stages as body
+            return body(config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets,
                         show_progress, ctx)
     finally:
         ctx.close()
@@ -116,33 +124,40 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
     # the pairs this model is trained (silver pairs included) and selected on, recorded with each checkpoint so
     # that evaluation can score it on the test pairs it never saw (mixsp_core.evaluate.contamination)
     seen = pair_keys(pd.concat([data.train, *dev.values()], ignore_index=True))
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * data.pairs.batches_per_epoch))
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * epoch_batches(config, data)))
     if data.pca_components is not None and main:
         with replacing_file(run.root / PCA_COMPONENTS_FILE) as tmp, open(tmp, "wb") as handle:
             np.save(handle, data.pca_components)
 
     # ---- model, optimizer, schedule: fresh or resumed
     saved = resume_state(config, run) if tc.resume else None
-    model = load_checkpoint(run.last) if saved else build_model(config.model)
+    model = load_checkpoint(run.last) if saved else initial_model(config)
     model.to(device).train()
-    if saved is None and config.model.output_init != "random":
+    if saved is None and config.model.output_init != "random" and not tc.init_checkpoint:
         _init_output(model, config, data)
+    twin = build_twin(config, model, ctx.enabled)  # JTCSE's second tower + cross-attention (None: off)
     if saved is None and tc.snapshot_every and main:
         # the fusion start theta_0: the heads are random per seed, so the base encoder alone is not it
         save(run.start, extra={"step": 0, "config": config.to_dict()})
     net = ctx.wrap(model)  # DDP copies rank 0's weights to every rank here
     optimizer = make_optimizer(model, config)
+    add_twin_params(optimizer, twin, config)
     scheduler = linear_schedule(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     progress = Progress()
+    dropout = DropoutSchedule.from_config(tc, total_steps)  # train.dropout_schedule (2-Tier SimCSE)
     if saved:
         state, tensors = saved
         restore_optimizer(optimizer, state, tensors, run.last)
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress.from_state(state)
+        restore_twin(twin, run.last, progress.step)
+        dropout.load_state_dict(state.get("dropout"))
         log.info("resuming %s from step %d", run.root, progress.step)
     if ctx.rank > 0:  # own dropout masks per rank; rank 0 keeps the single-process RNG stream
         torch.manual_seed(int(np.random.default_rng([config.seed, ctx.rank, progress.step]).integers(2**31)))
     objective = Objective(config, data.class_counts).to(device)
+    definitions = DefinitionTerm.build(config, ctx)  # DefSent+ (None unless loss.definition > 0)
+    objective.twin_terms = TwinTerms(twin) if twin is not None else None
     use_amp = tc.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if tc.amp_dtype == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
@@ -176,7 +191,9 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
             if tc.save_last:
                 save(run.last, optimizer=optimizer, trainer_state={
                     **asdict(progress), "total_steps": total_steps, "scheduler": scheduler.state_dict(),
-                    "config": config.to_dict(), "tracking_run_id": tracker.run_id})
+                    "config": config.to_dict(), "tracking_run_id": tracker.run_id,
+                    "dropout": dropout.state_dict()})
+                save_twin(twin, run.last, progress.step)
         ctx.barrier()
         progress.stopped_early = ctx.broadcast_flag(progress.stopped_early)
 
@@ -189,16 +206,26 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
             evaluate_and_checkpoint()
         while progress.step < total_steps and not progress.stopped_early:
             step = progress.step
+            if data.mined is not None:  # Conan: re-mine the NLI hard negatives with the current model
+                data.mined.step(step, model, run.root, ctx, tracker)
             model.train()
+            if definitions is not None:
+                definitions.refresh_if_due(model, step)  # the entry table, outside autocast (encode casts itself)
+            dropout_p = dropout.apply(model, step)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 terms = step_terms(objective, model, net, data, step, ctx, config.loss.uses_teacher)
+                if definitions is not None:
+                    terms |= definitions.terms(model, net, step, ctx)
                 loss = objective.total(terms)
-            grad_norm = optimizer_step(loss, model, optimizer, scaler, ctx, tc.grad_clip)
+            grad_norm = optimizer_step(loss, trained_modules(model, twin), optimizer, scaler, ctx, tc.grad_clip)
             scheduler.step()
             progress.step = step = step + 1
             bar.update(1)
 
             window.add("loss", float(loss.detach()))
+            dropout.observe(float(loss.detach()))
+            if dropout_p is not None:
+                window.add("dropout_p", dropout_p)
             for name, value in terms.items():
                 window.add(name, float(value.detach()))
             if math.isfinite(grad_norm):
@@ -231,6 +258,10 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
     if not best_scores:  # resumed after the best evaluation: score the saved best model again
         best_scores.update(evaluate_dev(load_checkpoint(run.best, device=device), dev, tc.eval_batch_size)[1])
     metrics, per_class = finish_report(best_scores, dev, config, run, progress.history, tracker)
+    if tc.retrieval_eval:  # recall@10 / MRR@10 of the best checkpoint, beside its STS dev metrics
+        from mixsp_core.evaluate.ir import report_ir
+
+        report_ir(load_checkpoint(run.best, device=device), config, run, tracker, progress.step)
     tracker.log_metrics({"train_seconds": seconds, "best_step": progress.best_step}, progress.step)
     tracker.log_artifact(run.config)
     tracker.log_artifact(run.history)

@@ -18,10 +18,13 @@ from mixsp_core.losses import (
     DistillLoss,
     InfoNCELoss,
     ListwiseRankLoss,
+    MultiPositiveInfoNCELoss,
+    ModulusLoss,
     PearsonLoss,
     RankKLLoss,
     RoutingLoss,
     ScoreBCELoss,
+    SimCSELoss,
     SimilarityDistillLoss,
 )
 from mixsp_core.losses.matryoshka import MatryoshkaLoss, alignment_loss, ese_pca, layer_weight
@@ -96,12 +99,17 @@ class Objective(nn.Module):
         self.distill = DistillLoss()
         self.distill_sim = SimilarityDistillLoss()
         self.infonce = InfoNCELoss(lc.infonce_temperature)
+        self.retrieval = MultiPositiveInfoNCELoss(lc.retrieval_temperature)  # CoDiEmb's retrieval steps
+        self.simcse = SimCSELoss(lc.simcse_temperature, lc.simcse_symmetric)  # 2-Tier SimCSE
         self.layer_mode, self.ese_dim = lc.layer_mode, lc.ese_dim
         # prefixes only: the full-width term is the STS terms themselves
         self.prefixes = MatryoshkaLoss(self.sts, lc.matryoshka_dims, full_weight=0.0, ese_dim=None)
         # one earlier layer's stack: full + (prefixes when matryoshka is on) + (alignment when ESE is on)
         self.layer_stack = MatryoshkaLoss(self.sts, lc.matryoshka_dims if lc.matryoshka > 0 else [],
                                           full_weight=1.0, ese_dim=lc.ese_dim if lc.ese_alignment > 0 else None)
+        # JTCSE: the modulus constraint on positive pairs; the twin towers' terms (training.jtcse.TwinTerms) when set
+        self.modulus = ModulusLoss(lc.modulus_form)
+        self.twin_terms: Callable[..., dict[str, torch.Tensor]] | None = None
 
     def sts(self, cos: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         """A(cos, gold): the weighted STS terms, the base loss of the Matryoshka and layer terms."""
@@ -135,6 +143,8 @@ class Objective(nn.Module):
             for name in STS_TERMS:
                 if name in self.weights:
                     terms[name] = getattr(self, name)(cos, gold)
+            if "modulus" in self.weights:  # a, b: the embeddings before normalisation
+                terms["modulus"] = self.modulus(a, b, upper)
             if "matryoshka" in self.weights:
                 terms["matryoshka"] = self.prefixes(a, b, gold)
             if "ese_alignment" in self.weights and self.ese_dim < a.shape[-1]:
@@ -165,9 +175,19 @@ class Objective(nn.Module):
     def nli_term(self, model: nn.Module, anchor: list[str], positive: list[str], negative: list[str],
                  forward: Callable | None = None, gather: Gather = _no_gather) -> torch.Tensor:
         """InfoNCE over the global batch: every rank's positives and hard negatives are candidates."""
+        return self.nli_terms(model, anchor, positive, negative, forward, gather)["infonce"]
+
+    def nli_terms(self, model: nn.Module, anchor: list[str], positive: list[str], negative: list[str],
+                  forward: Callable | None = None, gather: Gather = _no_gather) -> dict[str, torch.Tensor]:
+        """``infonce`` (as :meth:`nli_term`) and, when weighted, ``modulus_nli``: the modulus constraint on the
+        (anchor, entailment) pairs."""
         n = len(anchor)
         emb = (forward or model)(model.tokenize(anchor + positive + negative)).embedding
-        return self.infonce(gather(emb[:n]), gather(emb[n:2 * n]), gather(emb[2 * n:]))
+        anchors, positives = gather(emb[:n]), gather(emb[n:2 * n])
+        terms = {"infonce": self.infonce(anchors, positives, gather(emb[2 * n:]))}
+        if "modulus_nli" in self.weights:
+            terms["modulus_nli"] = self.modulus(anchors, positives)
+        return terms
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * value for name, value in terms.items())
@@ -178,20 +198,34 @@ def step_terms(objective: Objective, model: nn.Module, net: nn.Module, data: Tra
     """The loss terms of ``step``: its batch of pairs, plus its distillation batch (when ``distill``:
     ``loss.uses_teacher``) and its NLI batch (when ``data.nli`` is set); each rank encodes its slice of
     the global batches, ``net`` is what runs ``model`` (its DDP wrapper when distributed)."""
-    idx = data.pairs.indices(step)
-    local = ctx.shard(idx)
-    gold = torch.as_tensor(data.gold[idx], device=ctx.device)
-    terms = objective.pair_terms(model, list(data.train["sentence1"].iloc[local]),
-                                 list(data.train["sentence2"].iloc[local]), gold, step, net, ctx.gather)
+    if data.tasks is not None:  # CoDiEmb: one task per step; the STS streams advance on STS steps only
+        from mixsp_core.training.tasks import RETRIEVAL, retrieval_terms
+
+        task, step = data.tasks.at(step)
+        if task == RETRIEVAL:
+            return retrieval_terms(objective, model, data.retrieval, step, ctx, net)
+    from mixsp_core.training.unsupervised import unsupervised_terms, uses_pairs  # 2-Tier SimCSE
+
+    terms = unsupervised_terms(objective, model, net, data, step, ctx)
+    if uses_pairs(objective.weights):  # a stage on SimCSE sentences or NLI triplets alone encodes no pairs
+        idx = data.pairs.indices(step)
+        local = ctx.shard(idx)
+        gold = torch.as_tensor(data.gold[idx], device=ctx.device)
+        left, right = list(data.train["sentence1"].iloc[local]), list(data.train["sentence2"].iloc[local])
+        terms |= objective.pair_terms(model, left, right, gold, step, net, ctx.gather)
+        if objective.twin_terms is not None:  # JTCSE twin towers (one process: the local rows are the batch)
+            terms |= objective.twin_terms(objective, model, left, right, gold)
     if distill:
         rows = data.distill.indices(step)
         terms |= objective.distill_terms(
             model, [data.distill_sentences[i] for i in ctx.shard(rows)],
             torch.as_tensor(data.distill_targets[rows], device=ctx.device), net, ctx.gather)
     if data.nli is not None:
-        rows = data.triplets.iloc[ctx.shard(data.nli.indices(step))]
-        terms["infonce"] = objective.nli_term(model, list(rows["anchor"]), list(rows["positive"]),
-                                              list(rows["hard_negative"]), net, ctx.gather)
+        local_rows = ctx.shard(data.nli.indices(step))
+        rows = data.triplets.iloc[local_rows]
+        # Conan: the latest mined negatives (train.mine_negatives per row) replace the static ones
+        negatives = data.mined.negatives(local_rows) if data.mined is not None else list(rows["hard_negative"])
+        terms |= objective.nli_terms(model, list(rows["anchor"]), list(rows["positive"]), negatives, net, ctx.gather)
     return terms
 
 

@@ -50,6 +50,10 @@ def config_difference(saved: dict[str, Any], config: RunConfig) -> tuple[str, An
 
 def can_resume(config: RunConfig, run: RunDir) -> bool:
     """True when ``run.last`` holds an interrupted run (step < total_steps) of this same config."""
+    if config.stages:  # a multi-stage run: interrupted in or between its stages (training.multistage)
+        from mixsp_core.training.multistage import can_resume_stages
+
+        return can_resume_stages(config, run)
     run.repair()  # a last/ (best/) that a kill mid-swap left as .last.old still resumes
     try:
         state = json.loads(run.trainer_state.read_text(encoding="utf-8"))

@@ -1,5 +1,6 @@
 """Evaluate stage (group ``evaluate``): every variant on dev, the best picked, the grid of the best
-full-precision model; data/reports/evaluation.{json,md,png} and grid.{json,md,png}. One MLflow run per
+full-precision model, the analyses of the best; data/reports/evaluation.{json,md,png}, grid.{json,md,png}
+and analyses.{json,md}, analyses_prefix.png, analyses_transfer.png. One MLflow run per
 materialisation holds the metrics and the report files."""
 
 # No `from __future__ import annotations` here: Dagster reads the config class from the real annotation.
@@ -27,6 +28,10 @@ class EvaluateConfig(dg.Config):
     grid_dims: list[int] = list(_EVALUATE.grid_dims)
     grid_vector_types: list[str] = list(_EVALUATE.grid_vector_types)
     grid_fit_sentences: int = _EVALUATE.grid_fit_sentences
+    # analyses of the best variant (prefix Spearman, geometry, whitening x transfer)
+    analyses: bool = _EVALUATE.analyses
+    analyses_sentences: int = _EVALUATE.analyses_sentences
+    transfer_max_sentences: int = _EVALUATE.transfer_max_sentences
 
 
 @dg.asset(
@@ -34,7 +39,8 @@ class EvaluateConfig(dg.Config):
     kinds={"mlflow", "json"},
     deps=[student, compressed_variants, merged_model, sts_pairs, sentence_corpus],
     description="Every variant (student, compressed, merged) on the dev sets; the best by the dev primary "
-                "metric; the evaluation grid. data/reports/evaluation.json/.md/.png, grid.*",
+                "metric; the evaluation grid; the analyses of the best (prefixes, geometry, whitening x transfer). "
+                "data/reports/evaluation.json/.md/.png, grid.*, analyses*",
 )
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig, paths: PathsResource,
                       mlflow: MlflowResource) -> dg.MaterializeResult:
@@ -42,7 +48,9 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
 
     params = paths.params(evaluate={
         "grid_layers": config.grid_layers, "grid_dims": config.grid_dims,
-        "grid_vector_types": config.grid_vector_types, "grid_fit_sentences": config.grid_fit_sentences})
+        "grid_vector_types": config.grid_vector_types, "grid_fit_sentences": config.grid_fit_sentences,
+        "analyses": config.analyses, "analyses_sentences": config.analyses_sentences,
+        "transfer_max_sentences": config.transfer_max_sentences})
     report = run_evaluate(params, target=mlflow.target(context))
     reports = params.paths.reports
     meta = {
@@ -57,4 +65,16 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
         "mlflow_run_id": report["mlflow_run_id"],
         **file_metadata(params.paths.evaluation),
     }
+    if report.get("analyses"):
+        from mixsp_core.evaluate.analyses import analyses_markdown, analyses_metrics
+
+        metrics = analyses_metrics(report["analyses"])
+        meta.update({
+            "analyses": dg.MetadataValue.md(analyses_markdown(report["analyses"])),
+            "analyses_prefix_plot": png_file_markdown(reports / "analyses_prefix.png"),
+            "analyses_transfer_plot": png_file_markdown(reports / "analyses_transfer.png"),
+            # the headline numbers; the full set is in the MLflow run and analyses.json
+            **{k: v for k, v in metrics.items() if k.startswith("analyses/geometry/") or k.endswith("/mean")
+               or (k.endswith("/dev") and "/prefix/" not in k)},
+        })
     return dg.MaterializeResult(metadata=meta)

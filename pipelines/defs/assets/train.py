@@ -18,9 +18,11 @@ from pipelines.metadata import markdown_table, png_file_markdown
 
 class StudentOverrides(dg.Config):
     """``KEY=VALUE`` strings over params.yaml's ``student`` training config for this run only, e.g.
-    ``train.max_steps=50`` or ``loss.distill_sim=10``."""
+    ``train.max_steps=50`` or ``loss.distill_sim=10``; ``config_file``: train a recipe of configs/ (e.g.
+    ``configs/bi_simcse_2tier.yaml``) as the student instead (the overrides then apply to it)."""
 
     overrides: list[str] = []
+    config_file: str = ""
 
 
 def student_metadata(result, run) -> dict:
@@ -54,7 +56,8 @@ def student(context: dg.AssetExecutionContext, config: StudentOverrides, paths: 
     from mixsp_core.stages.train import run_train
 
     params = paths.params()
-    result = run_train(params, overrides=config.overrides, target=mlflow.target(context))
+    result = run_train(params, overrides=config.overrides, target=mlflow.target(context),
+                       config_file=config.config_file or None)
     context.log.info(result.summary())
     context.log.info(f"MLflow run {result.run_id} ({mlflow.tracking_uri})")
     return dg.MaterializeResult(metadata=student_metadata(result, params.paths.student))
