@@ -166,3 +166,20 @@ class PipelinePaths:
     @property
     def evaluation(self) -> Path:
         return self.reports / "evaluation.json"
+
+
+STAGES_DIR = "stages"  # a multi-stage run keeps stage NAME in <run>/stages/NAME/ (training.multistage)
+
+
+def stage_dir(root: str | Path, name: str) -> Path:
+    return Path(root) / STAGES_DIR / name
+
+
+def latest_stage_state(config, out_dir: str | Path) -> Path | None:
+    """The resumable trainer state of the latest stage of ``out_dir`` that has one (what a resumed
+    multi-stage run continues its MLflow run from), or None."""
+    for stage in reversed(config.stages):
+        state = RunDir(stage_dir(out_dir, stage.name)).trainer_state
+        if state.is_file():
+            return state
+    return None

@@ -19,7 +19,8 @@ from mixsp_core.tracking.tracker import NullTracker
 from mixsp_core.training.config import TrainConfig, config_from_dict, load_config
 from mixsp_core.training.dropout import DropoutSchedule, dropout_rates, set_dropout
 from mixsp_core.training.loop import run_training
-from mixsp_core.training.multistage import STAGE_RESULT_FILE, stage_configs
+from mixsp_core.training.config import stage_configs
+from mixsp_core.training.resume import STAGE_RESULT_FILE
 from mixsp_core.training.resume import can_resume
 from tests.train_helpers import Interrupt, one_thread, small_pairs
 

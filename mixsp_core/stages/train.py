@@ -21,10 +21,9 @@ from mixsp_core.paths import PipelinePaths
 from mixsp_core.stages.prepare import read_corpus_file, read_pairs
 from mixsp_core.stages.teacher import encode_with_teacher
 from mixsp_core.tracking.tracker import TRAINING_RUN_FILE, RunTarget, Tracker, tracker_for_run, write_training_run
-from mixsp_core.training.config import RunConfig, apply_overrides, config_from_dict, load_config
+from mixsp_core.training.config import RunConfig, apply_overrides, config_from_dict, load_config, run_configs
 from mixsp_core.training.distributed import is_main_process
 from mixsp_core.training.loop import TrainResult, run_training
-from mixsp_core.training.multistage import run_configs
 from mixsp_core.training.resume import can_resume
 
 

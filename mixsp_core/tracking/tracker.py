@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from mixsp_core.paths import REPO_ROOT
+from mixsp_core.paths import REPO_ROOT, latest_stage_state
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +332,6 @@ def resumed_run_id(config, out_dir: str | Path) -> str | None:
     """The MLflow run of ``out_dir/last/trainer_state.json`` when the run will resume from there, else None."""
     state_file = Path(out_dir) / "last" / "trainer_state.json"
     if getattr(config, "stages", None):  # a multi-stage run continues from its latest stage's state
-        from mixsp_core.training.multistage import latest_stage_state
-
         state_file = latest_stage_state(config, out_dir) or state_file
     if not (config.train.resume and state_file.is_file()):
         return None

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,11 +24,6 @@ from mixsp_core.paths import shared_dir
 from mixsp_core.training.config import RunConfig
 from mixsp_core.training.neighbours import nearest_neighbours
 from mixsp_core.training.silver import silver_pairs
-
-if TYPE_CHECKING:  # annotations only
-    from mixsp_core.training.mining import HardNegativeMiner
-    from mixsp_core.training.tasks import RetrievalBatches, TaskSampler
-    from mixsp_core.training.unsupervised import SentenceBatches
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +190,13 @@ class TrainData:
     distill: BatchStream | NeighbourBatches
     triplets: pd.DataFrame | None
     nli: BatchStream | None
-    # Conan mining (training/mining.py) and CoDiEmb's single-task steps (training/tasks.py); None: off
-    mined: HardNegativeMiner | None = None
-    tasks: TaskSampler | None = None
-    retrieval: RetrievalBatches | None = None
-    simcse: SentenceBatches | None = None  # 2-Tier SimCSE: corpus sentences (loss.simcse > 0)
+    # The methods' own streams, None when off; the loop attaches them (with_method_streams) because those
+    # modules build on this one: Conan's mining.HardNegativeMiner, CoDiEmb's tasks.TaskSampler and
+    # tasks.RetrievalBatches, 2-Tier SimCSE's unsupervised.SentenceBatches (corpus sentences, loss.simcse > 0)
+    mined: object | None = None
+    tasks: object | None = None
+    retrieval: object | None = None
+    simcse: object | None = None
 
     @classmethod
     def build(cls, config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,
@@ -222,13 +218,7 @@ class TrainData:
         if lc.infonce > 0 and triplets is None:
             triplets = load_triplets(config)
         nli = BatchStream(len(triplets), tc.nli_batch_size, config.seed, NLI_STREAM) if lc.infonce > 0 else None
-        from mixsp_core.training.mining import negative_miner
-        from mixsp_core.training.tasks import task_streams
-        from mixsp_core.training.unsupervised import simcse_batches  # 2-Tier SimCSE (imports this module)
-
-        mined = negative_miner(config, triplets, corpus, snli_folder(config).parent)
-        return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli, mined,
-                   simcse=simcse_batches(config, corpus), **task_streams(config))
+        return cls(train, gold, class_counts, pairs, sentences, targets, components, distill, triplets, nli)
 
 
 def with_silver_pairs(config: RunConfig, train: pd.DataFrame, corpus: Sequence[str] | None,

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from mixsp_core.errors import ConfigError
+from mixsp_core.paths import stage_dir
 
 MODEL_KINDS = ("bi", "cross", "encoder")
 ROUTING_MODES = ("hard", "soft")
@@ -432,9 +433,7 @@ class RunConfig:
         self.tracking.validate()
         self._validate_combinations()
         if self.stages:  # multi-stage runs: each stage's config must be a valid run too
-            from mixsp_core.training.multistage import check_stages
-
-            check_stages(self)
+            stage_configs(self)
         return self
 
     def _validate_combinations(self) -> None:
@@ -734,3 +733,65 @@ def dump_config(config: RunConfig, path: str | Path) -> Path:
     from mixsp_core.io import write_text_atomic
 
     return write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- multi-stage runs
+# (mixsp_core.training.multistage trains them; the plan lives here because validate() checks it)
+
+# override keys a stage may not set (a key equal to one, or below it)
+SHARED_KEYS = ("name", "output_dir", "stages", "model", "tracking", "train.resume", "data.spec", "data.corpus",
+               "data.teacher")
+
+
+def stage_overrides(stage: StageConfig) -> dict[str, Any]:
+    """The stage's overrides as dotted keys (nested sections flattened: ``{train: {lr: 1}}`` -> ``train.lr``)."""
+    return flatten(stage.overrides)
+
+
+def stage_configs(config: RunConfig, root: str | Path | None = None) -> list[RunConfig]:
+    """The run config of each stage (empty for a one-stage config), validated. With ``root`` (the run
+    directory) each one's ``output_dir`` is its stage directory and every stage after the first starts from
+    the previous stage's ``init`` checkpoint; without it those paths are left as the run config has them."""
+    base = config.to_dict()
+    base["stages"] = []
+    out: list[RunConfig] = []
+    names: set[str] = set()
+    for i, stage in enumerate(config.stages):
+        where = f"stages[{i}]"
+        stage.validate(where)
+        if stage.name in names:
+            raise ConfigError(f"{where}.name", f"{stage.name!r} names two stages")
+        names.add(stage.name)
+        overrides = stage_overrides(stage)
+        for key in overrides:
+            shared = next((s for s in SHARED_KEYS if key == s or key.startswith(f"{s}.")), None)
+            if shared is not None or (i > 0 and key == "train.init_checkpoint"):
+                raise ConfigError(f"{where}.overrides.{key}", "is shared by every stage of the run (set it at the "
+                                  "top level)" if shared else "is set by the chain: the previous stage's checkpoint")
+        raw = apply_overrides(base, overrides)
+        raw["name"] = f"{config.name}/{stage.name}"
+        raw["tracking"]["log_checkpoint"] = False  # the run uploads its one result at the end
+        if root is not None:
+            raw["output_dir"] = str(stage_dir(root, stage.name))
+            if i > 0:
+                previous = stage_dir(root, config.stages[i - 1].name)
+                raw["train"]["init_checkpoint"] = str(previous / stage.init)
+        try:
+            stage_config = config_from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"{where}.overrides.{err.field}", str(err).split(": ", 1)[1]) from err
+        if i > 0 and stage.init == "last" and not out[-1].train.save_last:
+            raise ConfigError(f"{where}.init", f"'last' needs stage {config.stages[i - 1].name!r} to keep "
+                              "last/ (train.save_last: true)")
+        out.append(stage_config)
+    return out
+
+
+def check_stages(config: RunConfig) -> None:
+    """Validate ``config.stages`` (:meth:`RunConfig.validate` calls it): names, overrides, every stage's config."""
+    stage_configs(config)
+
+
+def run_configs(config: RunConfig) -> list[RunConfig]:
+    """The configs of the runs ``config`` makes: its stages', or itself (what its inputs must serve)."""
+    return stage_configs(config) or [config]

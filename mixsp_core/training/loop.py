@@ -31,6 +31,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,13 +48,17 @@ from mixsp_core.models.checkpoint import load_checkpoint, restore_optimizer, sav
 from mixsp_core.paths import RunDir
 from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
 from mixsp_core.tracking.tracker import NullTracker, Tracker
-from mixsp_core.training.batches import TrainData, select_pairs
+from mixsp_core.training.batches import TrainData, select_pairs, snli_folder
 from mixsp_core.training.config import RunConfig, dump_config, flatten
 from mixsp_core.training.definitions import DefinitionTerm
 from mixsp_core.training.distributed import DistContext, setup, weights_digest
+from mixsp_core.training.mining import negative_miner
+from mixsp_core.training.multistage import run_stages
 from mixsp_core.training.jtcse import TwinTerms, add_twin_params, build_twin, restore_twin, save_twin, trained_modules
 from mixsp_core.training.dropout import DropoutSchedule
 from mixsp_core.training.objective import Objective, linear_schedule, make_optimizer, optimizer_step, step_terms
+from mixsp_core.training.tasks import task_streams
+from mixsp_core.training.unsupervised import simcse_batches
 from mixsp_core.training.report import LossWindow, Progress, TrainResult, evaluate_dev, evaluate_encoder, finish_report
 from mixsp_core.training.resume import resume_state
 from mixsp_core.training.unsupervised import epoch_batches
@@ -62,6 +67,13 @@ from mixsp_core.training.warm_start import initial_model
 log = logging.getLogger(__name__)
 
 PCA_COMPONENTS_FILE = "teacher_pca_components.npy"  # the teacher projection of the distillation targets
+
+
+def with_method_streams(data: TrainData, config: RunConfig, corpus: Sequence[str] | None) -> TrainData:
+    """``data`` with the streams of the methods that are on: Conan's re-mined negatives, CoDiEmb's task sampler
+    and retrieval batches, 2-Tier SimCSE's corpus sentences (each None when off)."""
+    mined = negative_miner(config, data.triplets, corpus, snli_folder(config).parent)
+    return dataclasses.replace(data, mined=mined, simcse=simcse_batches(config, corpus), **task_streams(config))
 
 
 def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None = None,
@@ -90,11 +102,10 @@ def run_training(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] |
         if not ctx.is_main:  # rank 0 alone records the run and shows progress
             tracker, show_progress = NullTracker(), False
         with _claim_output(run, ctx):
-            body = _run
+            args = (config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets, show_progress, ctx)
             if config.stages:  # a multi-stage run: each stage is a run of this function (training.multistage)
-                from mixsp_core.training.multistage import run_stages as body
-            return body(config, pairs, corpus, teacher_targets, run, tracker or NullTracker(), triplets,
-                        show_progress, ctx)
+                return run_stages(*args, train=run_training)
+            return _run(*args)
     finally:
         ctx.close()
         torch.set_num_threads(threads_before)
@@ -120,7 +131,7 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
 
     # ---- data streams (global batches; each rank takes its slice)
     _check_batch_sizes(config, ctx)
-    data = TrainData.build(config, train, corpus, teacher_targets, triplets)
+    data = with_method_streams(TrainData.build(config, train, corpus, teacher_targets, triplets), config, corpus)
     # the pairs this model is trained (silver pairs included) and selected on, recorded with each checkpoint so
     # that evaluation can score it on the test pairs it never saw (mixsp_core.evaluate.contamination)
     seen = pair_keys(pd.concat([data.train, *dev.values()], ignore_index=True))

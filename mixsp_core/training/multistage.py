@@ -1,5 +1,5 @@
 """Multi-stage runs: a config with ``stages`` trains each stage as one run of the same loop
-(:func:`~mixsp_core.training.loop.run_training`), in order, each from the previous stage's checkpoint.
+(:func:`~mixsp_core.training.loop.run_training`, which passes itself in as ``train``), in order, each from the previous stage's checkpoint.
 
 A stage's config is the run's own config with the stage's ``overrides`` applied (dotted keys or nested
 sections), and is validated as a run of its own; errors name ``stages[i].overrides.<field>``. Stages may
@@ -20,7 +20,7 @@ reads a run is unchanged: ``best/`` (its seen pairs: those of every stage), ``me
 
 Resume: a stage that finished (its ``stage_result.json`` records the same stage config) is skipped; an
 interrupted one resumes from its own ``last/`` (the loop's resume rules, per stage); ``train.resume: false``
-trains every stage again (and clears each stage's old ``snapshots/`` and ``start/``). :func:`can_resume_stages`
+trains every stage again (and clears each stage's old ``snapshots/`` and ``start/``). :func:`mixsp_core.training.resume.can_resume_stages`
 is the pipeline's "an interrupted run of this config?" for a staged run.
 
 Tracking: one tracker for the whole run; each stage's params, metrics, tags and artifacts carry the prefix
@@ -31,100 +31,25 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
-from dataclasses import asdict, fields
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from mixsp_core.errors import ConfigError
 from mixsp_core.evaluate.contamination import read_seen_pairs, write_seen_pairs
 from mixsp_core.io import write_json_atomic, writing_dir
 from mixsp_core.paths import RunDir
 from mixsp_core.tracking.metrics import dev_metrics as named_dev_metrics
 from mixsp_core.tracking.tracker import Tracker
-from mixsp_core.training.config import RunConfig, StageConfig, apply_overrides, config_from_dict, dump_config, flatten
+from mixsp_core.paths import STAGES_DIR, stage_dir
+from mixsp_core.training.config import RunConfig, dump_config, flatten, stage_configs
 from mixsp_core.training.report import TrainResult
+from mixsp_core.training.resume import STAGE_RESULT_FILE, finished_stage, result_to_json
 
 if TYPE_CHECKING:  # annotations only
     from mixsp_core.training.distributed import DistContext
-
-STAGES_DIR = "stages"
-STAGE_RESULT_FILE = "stage_result.json"  # written when a stage finished: its config and its TrainResult
-# override keys a stage may not set (a key equal to one, or below it)
-SHARED_KEYS = ("name", "output_dir", "stages", "model", "tracking", "train.resume", "data.spec", "data.corpus",
-               "data.teacher")
-
-
-def stage_overrides(stage: StageConfig) -> dict[str, Any]:
-    """The stage's overrides as dotted keys (nested sections flattened: ``{train: {lr: 1}}`` -> ``train.lr``)."""
-    return flatten(stage.overrides)
-
-
-def stage_configs(config: RunConfig, root: str | Path | None = None) -> list[RunConfig]:
-    """The run config of each stage (empty for a one-stage config), validated. With ``root`` (the run
-    directory) each one's ``output_dir`` is its stage directory and every stage after the first starts from
-    the previous stage's ``init`` checkpoint; without it those paths are left as the run config has them."""
-    base = config.to_dict()
-    base["stages"] = []
-    out: list[RunConfig] = []
-    names: set[str] = set()
-    for i, stage in enumerate(config.stages):
-        where = f"stages[{i}]"
-        stage.validate(where)
-        if stage.name in names:
-            raise ConfigError(f"{where}.name", f"{stage.name!r} names two stages")
-        names.add(stage.name)
-        overrides = stage_overrides(stage)
-        for key in overrides:
-            shared = next((s for s in SHARED_KEYS if key == s or key.startswith(f"{s}.")), None)
-            if shared is not None or (i > 0 and key == "train.init_checkpoint"):
-                raise ConfigError(f"{where}.overrides.{key}", "is shared by every stage of the run (set it at the "
-                                  "top level)" if shared else "is set by the chain: the previous stage's checkpoint")
-        raw = apply_overrides(base, overrides)
-        raw["name"] = f"{config.name}/{stage.name}"
-        raw["tracking"]["log_checkpoint"] = False  # the run uploads its one result at the end
-        if root is not None:
-            raw["output_dir"] = str(stage_dir(root, stage.name))
-            if i > 0:
-                previous = stage_dir(root, config.stages[i - 1].name)
-                raw["train"]["init_checkpoint"] = str(previous / stage.init)
-        try:
-            stage_config = config_from_dict(raw)
-        except ConfigError as err:
-            raise ConfigError(f"{where}.overrides.{err.field}", str(err).split(": ", 1)[1]) from err
-        if i > 0 and stage.init == "last" and not out[-1].train.save_last:
-            raise ConfigError(f"{where}.init", f"'last' needs stage {config.stages[i - 1].name!r} to keep "
-                              "last/ (train.save_last: true)")
-        out.append(stage_config)
-    return out
-
-
-def check_stages(config: RunConfig) -> None:
-    """Validate ``config.stages`` (:meth:`RunConfig.validate` calls it): names, overrides, every stage's config."""
-    stage_configs(config)
-
-
-def run_configs(config: RunConfig) -> list[RunConfig]:
-    """The configs of the runs ``config`` makes: its stages', or itself (what its inputs must serve)."""
-    return stage_configs(config) or [config]
-
-
-def stage_dir(root: str | Path, name: str) -> Path:
-    return Path(root) / STAGES_DIR / name
-
-
-def latest_stage_state(config: RunConfig, out_dir: str | Path) -> Path | None:
-    """The resumable trainer state of the latest stage of ``out_dir`` that has one (what a resumed
-    multi-stage run continues its MLflow run from), or None."""
-    for stage in reversed(config.stages):
-        state = RunDir(stage_dir(out_dir, stage.name)).trainer_state
-        if state.is_file():
-            return state
-    return None
-
 
 class StageTracker:
     """``tracker`` seen by one stage: params, metrics and tags named ``<prefix>key``, artifacts under
@@ -158,53 +83,12 @@ class StageTracker:
             self.inner.finish(status)
 
 
-def _result_to_json(result: TrainResult) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(result), default=str))
-
-
-def _result_from_json(data: dict[str, Any]) -> TrainResult:
-    known = {f.name for f in fields(TrainResult)}
-    values = {k: v for k, v in data.items() if k in known}
-    values["output_dir"] = Path(values["output_dir"])
-    values["best_checkpoint"] = Path(values["best_checkpoint"]) if values.get("best_checkpoint") else None
-    return TrainResult(**values)
-
-
-def finished_stage(config: RunConfig, run: RunDir) -> TrainResult | None:
-    """The recorded result of the stage in ``run`` when it finished with this same config (else None)."""
-    from mixsp_core.training.resume import config_difference
-
-    path = run.root / STAGE_RESULT_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not run.best.is_dir():
-        return None
-    if config_difference(record.get("config", {}), config) is not None:
-        return None
-    return _result_from_json(record.get("result", {}))
-
-
-def can_resume_stages(config: RunConfig, run: RunDir) -> bool:
-    """:func:`~mixsp_core.training.resume.can_resume` for a multi-stage run: a stage of this same config
-    finished or interrupted, and the final stage not finished."""
-    from mixsp_core.training.resume import can_resume
-
-    chain = [(c, RunDir(stage_dir(run.root, s.name))) for s, c in zip(config.stages, stage_configs(config, run.root))]
-    if finished_stage(*chain[-1]) is not None:
-        return False
-    return any(finished_stage(c, r) is not None or can_resume(c, r) for c, r in chain)
-
-
 def run_stages(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None,
                teacher_targets: np.ndarray | None, run: RunDir, tracker: Tracker, triplets: pd.DataFrame | None,
-               show_progress: bool, ctx: DistContext) -> TrainResult:
+               show_progress: bool, ctx: DistContext, train: Callable[..., TrainResult]) -> TrainResult:
     """Train every stage of ``config`` in order (see the module doc): the body of ``run_training`` for a config
     with stages, on one process (rank ``ctx.rank``; under torchrun every stage uses the group joined there),
     holding the run directory's lock."""
-    from mixsp_core.training.loop import run_training
-
     if ctx.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         dump_config(config, run.config)
@@ -221,11 +105,11 @@ def run_stages(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | N
                 if not stage_config.train.resume:  # an older run's merge inputs are not this run's
                     shutil.rmtree(stage_run.snapshots, ignore_errors=True)
                     shutil.rmtree(stage_run.start, ignore_errors=True)
-            done = run_training(stage_config, pairs, corpus, teacher_targets, stage_run.root,
+            done = train(stage_config, pairs, corpus, teacher_targets, stage_run.root,
                                 StageTracker(tracker, stage.name), triplets, show_progress)
             if ctx.is_main:
                 write_json_atomic(stage_run.root / STAGE_RESULT_FILE,
-                                  {"config": stage_config.to_dict(), "result": _result_to_json(done)})
+                                  {"config": stage_config.to_dict(), "result": result_to_json(done)})
         results.append(done)
     if not ctx.is_main:
         ctx.barrier()  # rank 0 writes the run's result

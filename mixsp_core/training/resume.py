@@ -21,14 +21,17 @@ Two questions, one definition of "same config":
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mixsp_core.errors import CheckpointError
 from mixsp_core.models.checkpoint import read_trainer_state
-from mixsp_core.paths import RunDir
-from mixsp_core.training.config import RunConfig, config_from_dict, flatten
+from mixsp_core.paths import RunDir, stage_dir
+from mixsp_core.training.config import RunConfig, config_from_dict, flatten, stage_configs
+from mixsp_core.training.report import TrainResult
 
 # settings that may change between an interrupted run and its resumption without changing the run
 RESUME_FREE = frozenset({"train.resume", "train.device", "train.eval_batch_size", "train.log_every", "output_dir",
@@ -51,8 +54,6 @@ def config_difference(saved: dict[str, Any], config: RunConfig) -> tuple[str, An
 def can_resume(config: RunConfig, run: RunDir) -> bool:
     """True when ``run.last`` holds an interrupted run (step < total_steps) of this same config."""
     if config.stages:  # a multi-stage run: interrupted in or between its stages (training.multistage)
-        from mixsp_core.training.multistage import can_resume_stages
-
         return can_resume_stages(config, run)
     run.repair()  # a last/ (best/) that a kill mid-swap left as .last.old still resumes
     try:
@@ -80,3 +81,41 @@ def resume_state(config: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[s
             f"{run.trainer_state}: was written by a run with {key}={saved!r}, this config "
             f"has {current!r}; use another output directory or set train.resume: false")
     return state, tensors
+
+
+STAGE_RESULT_FILE = "stage_result.json"  # written when a stage finished: its config and its TrainResult
+
+
+def result_to_json(result: TrainResult) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(result), default=str))
+
+
+def _result_from_json(data: dict[str, Any]) -> TrainResult:
+    known = {f.name for f in fields(TrainResult)}
+    values = {k: v for k, v in data.items() if k in known}
+    values["output_dir"] = Path(values["output_dir"])
+    values["best_checkpoint"] = Path(values["best_checkpoint"]) if values.get("best_checkpoint") else None
+    return TrainResult(**values)
+
+
+def finished_stage(config: RunConfig, run: RunDir) -> TrainResult | None:
+    """The recorded result of the stage in ``run`` when it finished with this same config (else None)."""
+    path = run.root / STAGE_RESULT_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not run.best.is_dir():
+        return None
+    if config_difference(record.get("config", {}), config) is not None:
+        return None
+    return _result_from_json(record.get("result", {}))
+
+
+def can_resume_stages(config: RunConfig, run: RunDir) -> bool:
+    """:func:`can_resume` for a multi-stage run: a stage of this same config
+    finished or interrupted, and the final stage not finished."""
+    chain = [(c, RunDir(stage_dir(run.root, s.name))) for s, c in zip(config.stages, stage_configs(config, run.root))]
+    if finished_stage(*chain[-1]) is not None:
+        return False
+    return any(finished_stage(c, r) is not None or can_resume(c, r) for c, r in chain)

@@ -34,7 +34,6 @@ from mixsp_core.training.config import RunConfig
 
 if TYPE_CHECKING:  # annotations only
     from mixsp_core.training.distributed import DistContext
-    from mixsp_core.training.objective import Objective
 
 STS, RETRIEVAL = "sts", "retrieval"
 TASK_STREAM, RETRIEVAL_STREAM = 11, 12  # seed streams, apart from batches.py's (0-2)
@@ -139,7 +138,7 @@ def task_streams(config: RunConfig) -> dict[str, TaskSampler | RetrievalBatches 
                                                               RETRIEVAL_STREAM))}
 
 
-def retrieval_terms(objective: Objective, model: torch.nn.Module, retrieval: RetrievalBatches, r: int,
+def retrieval_terms(objective: torch.nn.Module, model: torch.nn.Module, retrieval: RetrievalBatches, r: int,
                     ctx: DistContext, forward: Callable | None = None) -> dict[str, torch.Tensor]:
     """The one term of retrieval step r (one process: its candidate count varies, so it is not gathered)."""
     if ctx.enabled:

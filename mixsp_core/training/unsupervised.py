@@ -25,7 +25,6 @@ from mixsp_core.training.config import LOSS_TERMS, RunConfig
 if TYPE_CHECKING:  # annotations only
     from mixsp_core.training.batches import TrainData
     from mixsp_core.training.distributed import DistContext
-    from mixsp_core.training.objective import Objective
 
 SIMCSE_STREAM = 16  # seed-stream number of the SimCSE batches (beside batches.PAIR_STREAM etc.)
 # weighted terms that do not read the batch of pairs: a run weighting none but these skips the pair forward
@@ -55,7 +54,7 @@ def simcse_batches(config: RunConfig, corpus: Sequence[str] | None) -> SentenceB
     return SentenceBatches(sentences, BatchStream(len(sentences), size, config.seed, SIMCSE_STREAM))
 
 
-def simcse_term(objective: Objective, model: nn.Module, sentences: list[str], forward: Callable,
+def simcse_term(objective: nn.Module, model: nn.Module, sentences: list[str], forward: Callable,
                 gather: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """SimCSE on this process's ``sentences``: both views in one forward pass, negatives over the global batch."""
     n = len(sentences)
@@ -63,7 +62,7 @@ def simcse_term(objective: Objective, model: nn.Module, sentences: list[str], fo
     return objective.simcse(gather(embedding[:n]), gather(embedding[n:]))
 
 
-def unsupervised_terms(objective: Objective, model: nn.Module, net: nn.Module, data: TrainData, step: int,
+def unsupervised_terms(objective: nn.Module, model: nn.Module, net: nn.Module, data: TrainData, step: int,
                        ctx: DistContext) -> dict[str, torch.Tensor]:
     """The SimCSE term of ``step`` (empty when the run has no SimCSE batches)."""
     if data.simcse is None:
