@@ -233,8 +233,9 @@ def _run(config: RunConfig, pairs: pd.DataFrame, corpus: Sequence[str] | None, t
             progress.step = step = step + 1
             bar.update(1)
 
-            window.add("loss", float(loss.detach()))
-            dropout.observe(float(loss.detach()))
+            loss_value = float(loss.detach())  # one device sync a step, shared by the log and the dropout rule
+            window.add("loss", loss_value)
+            dropout.observe(loss_value)
             if dropout_p is not None:
                 window.add("dropout_p", dropout_p)
             for name, value in terms.items():
