@@ -26,12 +26,12 @@ see the gathered global batch, and only rank 0 evaluates and writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,16 +52,15 @@ from mixsp_core.training.batches import TrainData, select_pairs, snli_folder
 from mixsp_core.training.config import RunConfig, dump_config, flatten
 from mixsp_core.training.definitions import DefinitionTerm
 from mixsp_core.training.distributed import DistContext, setup, weights_digest
+from mixsp_core.training.dropout import DropoutSchedule
+from mixsp_core.training.jtcse import TwinTerms, add_twin_params, build_twin, restore_twin, save_twin, trained_modules
 from mixsp_core.training.mining import negative_miner
 from mixsp_core.training.multistage import run_stages
-from mixsp_core.training.jtcse import TwinTerms, add_twin_params, build_twin, restore_twin, save_twin, trained_modules
-from mixsp_core.training.dropout import DropoutSchedule
 from mixsp_core.training.objective import Objective, linear_schedule, make_optimizer, optimizer_step, step_terms
-from mixsp_core.training.tasks import task_streams
-from mixsp_core.training.unsupervised import simcse_batches
 from mixsp_core.training.report import LossWindow, Progress, TrainResult, evaluate_dev, evaluate_encoder, finish_report
 from mixsp_core.training.resume import resume_state
-from mixsp_core.training.unsupervised import epoch_batches
+from mixsp_core.training.tasks import task_streams
+from mixsp_core.training.unsupervised import epoch_batches, simcse_batches
 from mixsp_core.training.warm_start import initial_model
 
 log = logging.getLogger(__name__)
